@@ -1,0 +1,181 @@
+"""Anomaly scores of preprocessed views against the healthy calibration of a checkpoint."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.vae import error_map
+
+ThresholdRule = Literal["mean", "specificity"]
+THRESHOLD_RULES: tuple[str, ...] = ("mean", "specificity")
+PERCENTILES: tuple[float, ...] = (50.0, 75.0, 90.0, 95.0, 97.5, 99.0)
+# A view/laterality group needs this many healthy calibration views before its own
+# statistics replace the overall ones.
+MIN_GROUP_COUNT = 10
+
+
+def calibration_group(laterality: str | None, view_position: str | None) -> str:
+    """Key of the calibration group of a view, such as ``"L-MLO"``."""
+    return f"{laterality or '?'}-{view_position or '?'}"
+
+
+def summarize_scores(scores: Sequence[float], specificity: float) -> dict[str, Any]:
+    """Mean, standard deviation, percentiles and the specificity quantile of healthy scores."""
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("cannot calibrate on zero healthy views")
+    return {
+        "count": int(values.size),
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+        "percentiles": {f"{p:g}": float(np.percentile(values, p)) for p in PERCENTILES},
+        "specificity_quantile": float(np.quantile(values, specificity)),
+    }
+
+
+def build_calibration(
+    scores: Sequence[float],
+    groups: Sequence[str],
+    score_name: str = "global_mse",
+    threshold_rule: ThresholdRule = "specificity",
+    specificity: float = 0.95,
+) -> dict[str, Any]:
+    """Calibration statistics, overall and per group, as stored in a checkpoint."""
+    check_threshold_rule(threshold_rule)
+    if not 0.0 < specificity < 1.0:
+        raise ValueError(f"specificity must lie strictly between 0 and 1, got {specificity!r}")
+    if len(scores) != len(groups):
+        raise ValueError(f"got {len(scores)} scores but {len(groups)} group keys")
+    by_group: dict[str, list[float]] = {}
+    for score, group in zip(scores, groups):
+        by_group.setdefault(group, []).append(float(score))
+    return {
+        "score": score_name,
+        "threshold_rule": threshold_rule,
+        "specificity": specificity,
+        "overall": summarize_scores(scores, specificity),
+        "groups": {key: summarize_scores(values, specificity) for key, values in sorted(by_group.items())},
+    }
+
+
+def check_threshold_rule(rule: str) -> None:
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule {rule!r} is not one of {list(THRESHOLD_RULES)}")
+
+
+def statistics_for(calibration: dict[str, Any], group: str) -> tuple[str, dict[str, Any]]:
+    """Return the group's statistics when it has enough views, else the overall ones."""
+    stats = calibration.get("groups", {}).get(group)
+    if stats is not None and stats["count"] >= MIN_GROUP_COUNT:
+        return group, stats
+    return "overall", calibration["overall"]
+
+
+def threshold_for(stats: dict[str, Any], rule: ThresholdRule) -> float:
+    """``mean``: anomalous above the healthy mean. ``specificity``: above the healthy quantile."""
+    check_threshold_rule(rule)
+    return float(stats["mean"]) if rule == "mean" else float(stats["specificity_quantile"])
+
+
+def z_score(value: float, stats: dict[str, Any]) -> float | None:
+    std = float(stats["std"])
+    if std <= 0.0 or not math.isfinite(std):
+        return None
+    return (value - float(stats["mean"])) / std
+
+
+@dataclass(frozen=True)
+class ViewScore:
+    reconstruction: np.ndarray  # float32 (H, W) in [0, 1]
+    error_map: np.ndarray  # float32 (H, W), squared error per pixel
+    reconstruction_error: float  # the score named by score_name
+    z_score: float | None  # None without calibration
+    threshold: float | None
+    anomalous: bool | None
+    calibration_group: str | None
+
+
+class Scorer:
+    """Scores preprocessed views with a checkpoint's VAE, using the latent mean."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint | str | Path | None = None,
+        threshold_rule: ThresholdRule | None = None,
+        threads: int | None = None,
+    ) -> None:
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = load_checkpoint(checkpoint)
+        self.checkpoint = checkpoint
+        self.model = checkpoint.build_model()
+        calibration = checkpoint.calibration
+        self.threshold_rule: ThresholdRule = threshold_rule or (
+            calibration["threshold_rule"] if calibration else "specificity"
+        )
+        check_threshold_rule(self.threshold_rule)
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+    @property
+    def model_version(self) -> str:
+        return self.checkpoint.model_version
+
+    @property
+    def preprocessing_version(self) -> str:
+        return self.checkpoint.preprocessing_version
+
+    @torch.no_grad()
+    def reconstruct(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return reconstructions, error maps and per-image errors for ``(N, H, W)`` images."""
+        batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
+        reconstruction, _, _ = self.model(batch)
+        per_pixel, per_image = error_map(reconstruction, batch)
+        return reconstruction[:, 0].numpy(), per_pixel[:, 0].numpy(), per_image.numpy().astype(np.float64)
+
+    def score_batch(
+        self,
+        images: np.ndarray,
+        lateralities: Sequence[str | None],
+        view_positions: Sequence[str | None],
+    ) -> list[ViewScore]:
+        reconstructions, maps, errors = self.reconstruct(images)
+        return [
+            self._judge(reconstructions[i], maps[i], float(errors[i]), lateralities[i], view_positions[i])
+            for i in range(len(errors))
+        ]
+
+    def score(
+        self, image: np.ndarray, laterality: str | None = None, view_position: str | None = None
+    ) -> ViewScore:
+        return self.score_batch(image[None], [laterality], [view_position])[0]
+
+    def _judge(
+        self,
+        reconstruction: np.ndarray,
+        per_pixel: np.ndarray,
+        value: float,
+        laterality: str | None,
+        view_position: str | None,
+    ) -> ViewScore:
+        calibration = self.checkpoint.calibration
+        if not calibration:
+            return ViewScore(reconstruction, per_pixel, value, None, None, None, None)
+        group, stats = statistics_for(calibration, calibration_group(laterality, view_position))
+        threshold = threshold_for(stats, self.threshold_rule)
+        return ViewScore(
+            reconstruction=reconstruction,
+            error_map=per_pixel,
+            reconstruction_error=value,
+            z_score=z_score(value, stats),
+            threshold=threshold,
+            anomalous=value > threshold,
+            calibration_group=group,
+        )
