@@ -48,7 +48,10 @@ def check_scorable(ds: pydicom.Dataset) -> None:
     raise NotImplementedError
 
 
-def preprocess_dataset(ds: pydicom.Dataset, size: int = OUTPUT_SIZE) -> PreprocessedView:
+def preprocess_dataset(
+    ds: pydicom.Dataset, size: int = OUTPUT_SIZE, timings: dict[str, float] | None = None
+) -> PreprocessedView:
+    """``timings``, when given, receives ``decode_ms`` and ``preprocess_ms``."""
     raise NotImplementedError
 
 
