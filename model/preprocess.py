@@ -1,21 +1,66 @@
 """The one preprocessing path shared by training and the worker.
 
 From a pydicom Dataset or an image file to a float32 128x128 array in [0, 1] plus the
-metadata that says how it was made.
+metadata that says how it was made. Both entry points end in ``preprocess_array``, so a
+film read from a file and the same pixels received as DICOM give the same array.
+See docs/preprocessing.md for each step and the decisions behind it.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from PIL import Image
+
+from model import breast
+from model.dicom_pixels import PixelDataError, display_pixels, find_attribute
+
+logger = logging.getLogger(__name__)
 
 # Stored in checkpoints and result rows; change it whenever the output of
 # preprocess_* changes for the same input.
 PREPROCESSING_VERSION = "mammo-pre-1"
 OUTPUT_SIZE = 128
+# Smallest Rows and Columns scored; smaller objects are test or icon images.
+MIN_IMAGE_SIZE = 64
+
+MAMMOGRAPHY_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+DIGITAL_XRAY_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+COMPUTED_RADIOGRAPHY = "1.2.840.10008.5.1.4.1.1.1"
+BREAST_PROJECTION_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.13.1.4"
+FOR_PROCESSING_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.13.1.5": "Breast Projection X-Ray Image Storage - For Processing",
+}
+# SOP classes scored; the general X-ray classes only when the header says breast.
+ACCEPTED_SOP_CLASSES = {
+    MAMMOGRAPHY_FOR_PRESENTATION: "Digital Mammography X-Ray Image Storage - For Presentation",
+    DIGITAL_XRAY_FOR_PRESENTATION: "Digital X-Ray Image Storage - For Presentation",
+    COMPUTED_RADIOGRAPHY: "Computed Radiography Image Storage",
+    BREAST_PROJECTION_FOR_PRESENTATION: "Breast Projection X-Ray Image Storage - For Presentation",
+}
+BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
+
+VIEW_POSITIONS = ("CC", "MLO")
+# (Coding Scheme Designator, Code Value) -> View Position, from DICOM CID 4014.
+VIEW_CODES = {
+    ("SRT", "R-10242"): "CC",
+    ("SNM3", "R-10242"): "CC",
+    ("SCT", "399162004"): "CC",
+    ("SRT", "R-10226"): "MLO",
+    ("SNM3", "R-10226"): "MLO",
+    ("SCT", "399368009"): "MLO",
+}
+LATERALITIES = ("L", "R")
 
 
 class PreprocessingError(ValueError):
@@ -35,6 +80,10 @@ class ViewMetadata:
     source_shape: tuple[int, int]
     preprocessing_version: str = PREPROCESSING_VERSION
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    # Edge of the stored image that held the chest wall before orientation.
+    chest_wall: str = "left"
+    # Which VOI step made the display values: "VOI LUT Sequence", "window", "fallback", "file".
+    voi_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -43,16 +92,265 @@ class PreprocessedView:
     metadata: ViewMetadata
 
 
+# --------------------------------------------------------------------------- header checks
+
+
 def check_scorable(ds: pydicom.Dataset) -> None:
-    """Raise UnsupportedView when the header alone shows the dataset must not be scored."""
-    raise NotImplementedError
+    """Raise UnsupportedView when the header alone shows the dataset must not be scored.
+
+    Reads only header attributes, never Pixel Data.
+    """
+    check_sop_class(ds)
+    check_frames(ds)
+    check_pixel_format(ds)
+    view_position(ds)
+    laterality(ds)
+
+
+def sop_class_uid(ds: pydicom.Dataset) -> str:
+    uid = ds.get("SOPClassUID")
+    if not uid:
+        file_meta = getattr(ds, "file_meta", None)
+        uid = file_meta.get("MediaStorageSOPClassUID") if file_meta is not None else None
+    return str(uid or "")
+
+
+def check_sop_class(ds: pydicom.Dataset) -> None:
+    uid = sop_class_uid(ds)
+    intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
+    if uid in FOR_PROCESSING_SOP_CLASSES:
+        raise UnsupportedView(
+            f"SOP Class UID {uid} ({FOR_PROCESSING_SOP_CLASSES[uid]}) holds raw detector data; "
+            "only For Presentation images are scored"
+        )
+    if intent == "FOR PROCESSING":
+        raise UnsupportedView(
+            "Presentation Intent Type is FOR PROCESSING; only FOR PRESENTATION images are scored"
+        )
+    if uid == BREAST_TOMOSYNTHESIS:
+        raise UnsupportedView(
+            f"SOP Class UID {uid} (Breast Tomosynthesis Image Storage) is a volume; "
+            "only 2-D For Presentation mammograms are scored"
+        )
+    accepted = ", ".join(f"{key} ({name})" for key, name in ACCEPTED_SOP_CLASSES.items())
+    if uid not in ACCEPTED_SOP_CLASSES:
+        raise UnsupportedView(f"SOP Class UID {uid or '(missing)'} is not a mammogram; accepted: {accepted}")
+
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if uid in (DIGITAL_XRAY_FOR_PRESENTATION, COMPUTED_RADIOGRAPHY) and modality != "MG" and body_part != "BREAST":
+        raise UnsupportedView(
+            f"SOP Class UID {uid} with Modality {modality or '(missing)'} and Body Part Examined "
+            f"{body_part or '(missing)'} is not a breast image; expected Modality MG or Body Part Examined BREAST"
+        )
+    if uid in (MAMMOGRAPHY_FOR_PRESENTATION, BREAST_PROJECTION_FOR_PRESENTATION) and modality not in ("MG", ""):
+        raise UnsupportedView(f"Modality is {modality}; expected MG")
+
+
+def check_frames(ds: pydicom.Dataset) -> None:
+    frames = ds.get("NumberOfFrames")
+    try:
+        count = int(frames) if frames not in (None, "") else 1
+    except (TypeError, ValueError) as err:
+        raise UnsupportedView(f"Number of Frames is {frames!r}; expected 1") from err
+    if count > 1:
+        raise UnsupportedView(f"Number of Frames is {count}; only single-frame images are scored")
+
+
+def check_pixel_format(ds: pydicom.Dataset) -> None:
+    samples = ds.get("SamplesPerPixel")
+    if samples not in (None, "") and int(samples) != 1:
+        raise UnsupportedView(f"Samples per Pixel is {samples}; expected 1 (grayscale)")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedView(
+            f"Photometric Interpretation is {photometric or '(missing)'}; expected MONOCHROME1 or MONOCHROME2"
+        )
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    if rows in (None, "") or columns in (None, ""):
+        raise UnsupportedView(f"Rows ({rows}) or Columns ({columns}) missing; expected both")
+    if int(rows) < MIN_IMAGE_SIZE or int(columns) < MIN_IMAGE_SIZE:
+        raise UnsupportedView(
+            f"image is {rows} x {columns} pixels (Rows x Columns); at least "
+            f"{MIN_IMAGE_SIZE} x {MIN_IMAGE_SIZE} is needed to score"
+        )
+
+
+def view_position(ds: pydicom.Dataset) -> str:
+    """Return "CC" or "MLO" from View Position, else View Code Sequence; raise otherwise."""
+    from_code = view_from_code_sequence(ds)
+    value = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if value:
+        if value not in VIEW_POSITIONS:
+            raise UnsupportedView(f"View Position is {value}; only CC and MLO are scored")
+        if from_code is not None and from_code != value:
+            raise UnsupportedView(f"View Position {value} contradicts View Code Sequence ({from_code})")
+        return value
+    if from_code is None:
+        raise UnsupportedView("View Position and View Code Sequence are missing; expected a CC or MLO view")
+    return from_code
+
+
+def view_from_code_sequence(ds: pydicom.Dataset) -> str | None:
+    sequence = ds.get("ViewCodeSequence")
+    if not sequence:
+        return None
+    item = sequence[0]
+    modifiers = list(item.get("ViewModifierCodeSequence") or []) + list(ds.get("ViewModifierCodeSequence") or [])
+    if modifiers:
+        names = ", ".join(describe_code(code) for code in modifiers)
+        raise UnsupportedView(f"View Modifier Code Sequence holds {names}; only unmodified CC and MLO views are scored")
+    key = (str(item.get("CodingSchemeDesignator", "")).strip(), str(item.get("CodeValue", "")).strip())
+    view = VIEW_CODES.get(key)
+    if view is None:
+        raise UnsupportedView(
+            f"View Code Sequence holds {describe_code(item)}; only cranio-caudal (SCT 399162004, SRT R-10242) "
+            "and medio-lateral oblique (SCT 399368009, SRT R-10226) are scored"
+        )
+    return view
+
+
+def describe_code(item: pydicom.Dataset) -> str:
+    return (
+        f"({item.get('CodeValue', '')}, {item.get('CodingSchemeDesignator', '')}, "
+        f"\"{item.get('CodeMeaning', '')}\")"
+    )
+
+
+def laterality(ds: pydicom.Dataset) -> str:
+    """Return "L" or "R" from Image Laterality, Laterality or Frame Laterality; raise otherwise.
+
+    Missing, bilateral ("B"), unpaired ("U") or contradictory values are rejected: the
+    chest-wall side and the calibration group both depend on laterality.
+    """
+    sources = {
+        "Image Laterality": ds.get("ImageLaterality"),
+        "Laterality": ds.get("Laterality"),
+        "Frame Laterality": find_attribute(ds, "FrameLaterality", "FrameAnatomySequence"),
+    }
+    found = {name: str(value).strip().upper() for name, value in sources.items() if value not in (None, "")}
+    if not found:
+        raise UnsupportedView(
+            "Image Laterality, Laterality and Frame Laterality are all missing; expected L or R"
+        )
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"{name} {value}" for name, value in found.items())
+        raise UnsupportedView(f"contradictory laterality: {listed}")
+    value = next(iter(found.values()))
+    if value not in LATERALITIES:
+        raise UnsupportedView(f"{next(iter(found))} is {value}; only single breasts (L or R) are scored")
+    return value
+
+
+# --------------------------------------------------------------------------- shared path
+
+
+def preprocess_array(
+    image: np.ndarray,
+    padding: np.ndarray | None,
+    *,
+    laterality: str | None,
+    view_position: str | None,
+    chest_wall: str | None,
+    size: int = OUTPUT_SIZE,
+    warnings: list[str] | None = None,
+    voi_source: str = "",
+) -> PreprocessedView:
+    """Crop, orient and resize a display image in [0, 1]: the step both inputs share.
+
+    ``chest_wall`` is the edge of ``image`` that holds the chest wall; None detects it
+    from the image content and records a warning.
+    """
+    warnings = list(warnings or [])
+    detection = breast.detect_breast(image, padding)
+    if not detection.found:
+        warnings.append("no breast found by thresholding; used the whole non-padding area")
+    if chest_wall is None:
+        chest_wall = detection.chest_wall_from_content
+        warnings.append(f"laterality unknown; chest wall detected on the {chest_wall} from image content")
+    orientation = breast.Orientation(chest_wall)
+
+    row0, col0, row1, col1 = detection.crop_box
+    crop = breast.oriented_view(image[row0:row1, col0:col1], orientation)
+    resized = breast.square_resize(crop, size)
+    metadata = ViewMetadata(
+        laterality=laterality,
+        view_position=view_position,
+        flipped=chest_wall == "right",
+        crop_box=detection.crop_box,
+        source_shape=(int(image.shape[0]), int(image.shape[1])),
+        warnings=tuple(warnings),
+        chest_wall=chest_wall,
+        voi_source=voi_source,
+    )
+    return PreprocessedView(resized, metadata)
+
+
+def chest_wall_for_laterality(value: str | None) -> str | None:
+    """Stored-image convention: left breasts have the chest wall on the left, right on the right."""
+    if value is None:
+        return None
+    return "left" if value == "L" else "right"
+
+
+# --------------------------------------------------------------------------- entry points
 
 
 def preprocess_dataset(
     ds: pydicom.Dataset, size: int = OUTPUT_SIZE, timings: dict[str, float] | None = None
 ) -> PreprocessedView:
     """``timings``, when given, receives ``decode_ms`` and ``preprocess_ms``."""
-    raise NotImplementedError
+    check_scorable(ds)
+    view = view_position(ds)
+    side = laterality(ds)
+
+    started = time.perf_counter()
+    try:
+        pixels = display_pixels(ds)
+    except PixelDataError as err:
+        raise PreprocessingError(str(err)) from err
+    decoded = time.perf_counter()
+
+    result = preprocess_array(
+        pixels.image,
+        pixels.padding,
+        laterality=side,
+        view_position=view,
+        chest_wall=chest_wall_for_laterality(side),
+        size=size,
+        warnings=pixels.warnings,
+        voi_source=pixels.voi_source,
+    )
+    finished = time.perf_counter()
+    if timings is not None:
+        timings["decode_ms"] = (decoded - started) * 1000.0
+        timings["preprocess_ms"] = (finished - decoded) * 1000.0
+    return result
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """Read a grayscale PGM, PGM.gz or PNG file as float32 in [0, 1] by its bit depth."""
+    try:
+        raw = path.read_bytes()
+        if path.suffix.lower() == ".gz":
+            raw = gzip.decompress(raw)
+        with Image.open(io.BytesIO(raw)) as picture:
+            picture.load()
+            mode = picture.mode
+            pixels = np.asarray(picture)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise PreprocessingError(f"cannot read image file {path}: {err}") from err
+
+    if mode == "L":
+        top = 255.0
+    elif mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow scales PGM files with a maxval other than 65535 to the 16-bit range.
+        top = 65535.0
+        if pixels.min(initial=0) < 0 or pixels.max(initial=0) > top:
+            raise PreprocessingError(f"image file {path} has values outside 0..65535 (mode {mode})")
+    else:
+        raise PreprocessingError(f"image file {path} has mode {mode}; expected 8- or 16-bit grayscale (L, I;16)")
+    return (pixels.astype(np.float32) / np.float32(top)).astype(np.float32)
 
 
 def preprocess_file(
@@ -61,4 +359,28 @@ def preprocess_file(
     view_position: str | None = None,
     size: int = OUTPUT_SIZE,
 ) -> PreprocessedView:
-    raise NotImplementedError
+    """Preprocess a PGM, PGM.gz or PNG film; pixels equal to 0 count as padding.
+
+    ``laterality`` ("L" or "R") places the chest wall by the stored-image convention
+    (left breasts on the left); None detects it from the image content with a warning.
+    """
+    if laterality is not None and laterality not in LATERALITIES:
+        raise ValueError(f"laterality is {laterality!r}; expected 'L', 'R' or None")
+    if view_position is not None and view_position not in VIEW_POSITIONS:
+        raise ValueError(f"view_position is {view_position!r}; expected 'CC', 'MLO' or None")
+    path = Path(path)
+    image = read_image_file(path)
+    if min(image.shape) < MIN_IMAGE_SIZE:
+        raise UnsupportedView(
+            f"image is {image.shape[0]} x {image.shape[1]} pixels; at least {MIN_IMAGE_SIZE} x {MIN_IMAGE_SIZE} is needed"
+        )
+    padding = image == 0.0
+    return preprocess_array(
+        image,
+        padding,
+        laterality=laterality,
+        view_position=view_position,
+        chest_wall=chest_wall_for_laterality(laterality),
+        size=size,
+        voi_source="file",
+    )
