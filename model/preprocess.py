@@ -80,8 +80,11 @@ class ViewMetadata:
     source_shape: tuple[int, int]
     preprocessing_version: str = PREPROCESSING_VERSION
     warnings: tuple[str, ...] = field(default_factory=tuple)
-    # Edge of the stored image that held the chest wall before orientation.
+    # Edge of the stored image that held the chest wall ("left", "right", "top", "bottom");
+    # the image was turned by model.breast.oriented_view to put it on the left.
     chest_wall: str = "left"
+    # True when rows were also mirrored top-bottom to follow the Patient Orientation convention.
+    flipped_vertical: bool = False
     # Which VOI step made the display values: "VOI LUT Sequence", "window", "fallback", "file".
     voi_source: str = ""
 
@@ -251,24 +254,31 @@ def preprocess_array(
     *,
     laterality: str | None,
     view_position: str | None,
-    chest_wall: str | None,
+    orientation: breast.Orientation | None,
     size: int = OUTPUT_SIZE,
     warnings: list[str] | None = None,
     voi_source: str = "",
 ) -> PreprocessedView:
     """Crop, orient and resize a display image in [0, 1]: the step both inputs share.
 
-    ``chest_wall`` is the edge of ``image`` that holds the chest wall; None detects it
+    ``image`` is float32 with 0 for black; pixels where ``padding`` is True must already
+    be 0. ``orientation`` gives the chest-wall edge of ``image``; None detects the side
     from the image content and records a warning.
     """
     warnings = list(warnings or [])
     detection = breast.detect_breast(image, padding)
     if not detection.found:
         warnings.append("no breast found by thresholding; used the whole non-padding area")
-    if chest_wall is None:
-        chest_wall = detection.chest_wall_from_content
-        warnings.append(f"laterality unknown; chest wall detected on the {chest_wall} from image content")
-    orientation = breast.Orientation(chest_wall)
+    if orientation is None:
+        orientation = breast.Orientation(detection.chest_wall_from_content)
+        warnings.append(
+            f"laterality unknown; chest wall detected on the {orientation.chest_wall} from image content"
+        )
+    elif orientation.chest_wall in ("left", "right") and orientation.chest_wall != detection.chest_wall_from_content:
+        warnings.append(
+            f"header puts the chest wall on the {orientation.chest_wall} but the image content suggests the "
+            f"{detection.chest_wall_from_content}; the header was followed"
+        )
 
     row0, col0, row1, col1 = detection.crop_box
     crop = breast.oriented_view(image[row0:row1, col0:col1], orientation)
@@ -276,21 +286,88 @@ def preprocess_array(
     metadata = ViewMetadata(
         laterality=laterality,
         view_position=view_position,
-        flipped=chest_wall == "right",
+        flipped=orientation.chest_wall == "right",
         crop_box=detection.crop_box,
         source_shape=(int(image.shape[0]), int(image.shape[1])),
         warnings=tuple(warnings),
-        chest_wall=chest_wall,
+        chest_wall=orientation.chest_wall,
+        flipped_vertical=orientation.flip_vertical,
         voi_source=voi_source,
     )
+    for warning in warnings:
+        logger.debug("preprocessing warning: %s", warning)
     return PreprocessedView(resized, metadata)
 
 
-def chest_wall_for_laterality(value: str | None) -> str | None:
+def orientation_for_laterality(value: str | None) -> breast.Orientation | None:
     """Stored-image convention: left breasts have the chest wall on the left, right on the right."""
     if value is None:
         return None
-    return "left" if value == "L" else "right"
+    return breast.Orientation("left" if value == "L" else "right")
+
+
+OPPOSITE_DIRECTION = {"A": "P", "P": "A", "L": "R", "R": "L", "H": "F", "F": "H"}
+
+
+def orientation_from_header(
+    ds: pydicom.Dataset, side: str, view: str
+) -> tuple[breast.Orientation, list[str]]:
+    """Chest-wall edge and vertical flip from Patient Orientation (0020,0020).
+
+    Patient Orientation gives the patient direction of the rows (left to right) and of
+    the columns (top to bottom), PS3.3 C.7.6.1.1.1. The chest wall is posterior: a row
+    direction with A puts it on the left, P on the right; a column direction with A
+    puts it at the top, P at the bottom. After turning, rows are mirrored top-bottom
+    when "down" points head-wards (H) in an MLO view or laterally in a CC view, so that
+    every view ends with the chest wall on the left and feet (MLO) or the medial side
+    (CC) downwards, as a left breast stored with A\\FR (MLO) or A\\R (CC).
+    Without usable Patient Orientation the laterality convention applies, with a warning.
+    """
+    value = ds.get("PatientOrientation")
+    values = [str(item).strip().upper() for item in value] if value else []
+    fallback = orientation_for_laterality(side)
+    if len(values) != 2:
+        shown = "\\".join(values) if values else "missing"
+        return fallback, [
+            f"Patient Orientation is {shown}; assumed the chest wall on the "
+            f"{fallback.chest_wall} from Image Laterality {side}"
+        ]
+    row_direction, column_direction = values
+
+    if "A" in row_direction and "P" not in row_direction:
+        chest_wall, down = "left", column_direction
+    elif "P" in row_direction and "A" not in row_direction:
+        chest_wall, down = "right", column_direction
+    elif "A" in column_direction and "P" not in column_direction:
+        chest_wall, down = "top", "".join(OPPOSITE_DIRECTION.get(letter, letter) for letter in row_direction)
+    elif "P" in column_direction and "A" not in column_direction:
+        chest_wall, down = "bottom", row_direction
+    else:
+        return fallback, [
+            f"Patient Orientation {row_direction}\\{column_direction} names no anterior or posterior "
+            f"direction; assumed the chest wall on the {fallback.chest_wall} from Image Laterality {side}"
+        ]
+
+    medial = "R" if side == "L" else "L"
+    lateral = OPPOSITE_DIRECTION[medial]
+    if view == "MLO":
+        flip_vertical = "H" in down
+    else:
+        flip_vertical = lateral in down and medial not in down
+    warnings = []
+    if chest_wall in ("top", "bottom") or flip_vertical:
+        warnings.append(
+            f"Patient Orientation {row_direction}\\{column_direction} puts the chest wall at the {chest_wall}"
+            + (" with rows mirrored" if flip_vertical else "")
+            + "; the image was turned to the standard orientation"
+        )
+    expected = orientation_for_laterality(side).chest_wall
+    if chest_wall in ("left", "right") and chest_wall != expected:
+        warnings.append(
+            f"Patient Orientation {row_direction}\\{column_direction} puts the chest wall of a {side} breast "
+            f"on the {chest_wall}; followed Patient Orientation"
+        )
+    return breast.Orientation(chest_wall, flip_vertical), warnings
 
 
 # --------------------------------------------------------------------------- entry points
@@ -311,14 +388,15 @@ def preprocess_dataset(
         raise PreprocessingError(str(err)) from err
     decoded = time.perf_counter()
 
+    orientation, orientation_warnings = orientation_from_header(ds, side, view)
     result = preprocess_array(
         pixels.image,
         pixels.padding,
         laterality=side,
         view_position=view,
-        chest_wall=chest_wall_for_laterality(side),
+        orientation=orientation,
         size=size,
-        warnings=pixels.warnings,
+        warnings=pixels.warnings + orientation_warnings,
         voi_source=pixels.voi_source,
     )
     finished = time.perf_counter()
@@ -380,7 +458,7 @@ def preprocess_file(
         padding,
         laterality=laterality,
         view_position=view_position,
-        chest_wall=chest_wall_for_laterality(laterality),
+        orientation=orientation_for_laterality(laterality),
         size=size,
         voi_source="file",
     )
