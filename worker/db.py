@@ -107,6 +107,7 @@ class ExportJob(Base):
     """A Secondary Capture waiting to be sent to the configured destination."""
 
     __tablename__ = "export_jobs"
+    __table_args__ = (UniqueConstraint("view_result_id", "destination", name="uq_export_job_destination"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     view_result_id: Mapped[int] = mapped_column(ForeignKey("view_results.id"), index=True)
