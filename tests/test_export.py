@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
 import dicom_factory
-from model.preprocess import PREPROCESSING_VERSION, PreprocessedView, ViewMetadata
+from model.preprocess import PREPROCESSING_VERSION, PreprocessedView, ViewMetadata, preprocess_dataset
 from model.scoring import Scorer, ViewScore
 from worker import export
 
@@ -155,6 +155,52 @@ def test_panels_show_view_reconstruction_and_text(data_dir, scorer):
     assert np.count_nonzero(strip) > 2000, "the text strip below the panels has no burned-in text"
     first_line = strip[: export.TEXT_LINE_HEIGHT]
     assert np.count_nonzero(first_line) > 300, "the research notice line is empty"
+
+
+@pytest.mark.parametrize(
+    ("source_orientation", "chest_wall", "flipped", "flipped_vertical", "expected"),
+    [
+        (["A", "FR"], "left", False, False, ["A", "FR"]),
+        (["P", "L"], "right", True, False, ["A", "L"]),
+        (["P", "HL"], "right", True, True, ["A", "FR"]),
+        # Chest wall at the top: turned counter-clockwise, so the old left edge (patient
+        # right) ends at the bottom.
+        (["L", "A"], "top", False, False, ["A", "R"]),
+        (["L", "P"], "bottom", False, False, ["A", "L"]),
+        (None, "right", True, False, []),
+    ],
+)
+def test_patient_orientation_follows_preprocessing(source_orientation, chest_wall, flipped, flipped_vertical, expected):
+    source = pydicom.Dataset()
+    if source_orientation is not None:
+        source.PatientOrientation = source_orientation
+    metadata = ViewMetadata(
+        laterality="R",
+        view_position="MLO",
+        flipped=flipped,
+        crop_box=(0, 0, 10, 10),
+        source_shape=(10, 10),
+        chest_wall=chest_wall,
+        flipped_vertical=flipped_vertical,
+    )
+
+    assert export.patient_orientation(source, metadata) == expected
+
+
+@pytest.mark.parametrize(("number", "view_position"), [(3, "MLO"), (8, "CC")])
+def test_preprocessed_view_exports_cleanly(data_dir, scorer, tmp_path, number, view_position):
+    source = make_source(number, view_position)
+    view = preprocess_dataset(source)
+    score = scorer.score(view.image, view.metadata.laterality, view.metadata.view_position)
+
+    path = export.write_secondary_capture(build(source, view, score, scorer.model_version), tmp_path)
+
+    errors, output = dciodvfy_errors(path)
+    assert errors == [], f"dciodvfy reported errors:\n{output}"
+    sc = pydicom.dcmread(path)
+    assert sc.Laterality == view.metadata.laterality
+    assert list(sc.PatientOrientation) == export.patient_orientation(source, view.metadata)
+    assert sc.PatientOrientation[0] == "A", "the chest wall is not on the left of the panels"
 
 
 def test_text_lines_state_model_and_verdict(scorer):

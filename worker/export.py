@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from model.checkpoint import code_version
-from model.preprocess import PreprocessedView
+from model.preprocess import PreprocessedView, ViewMetadata
 from model.scoring import ViewScore
 
 logger = logging.getLogger(__name__)
@@ -270,18 +270,32 @@ def content_date_time(source: Dataset) -> tuple[str | None, str | None]:
     return None, None
 
 
-def patient_orientation(source: Dataset, flipped: bool) -> list[str]:
-    """Patient Orientation of the panels, empty when the source has none.
+def opposite(direction: str) -> str:
+    """Reverse a Patient Orientation value letter by letter, such as ``"FR"`` to ``"HL"``."""
+    return direction.translate(_OPPOSITE_DIRECTION)
 
-    It is the source's, with the row direction reversed when the view was mirrored.
+
+def patient_orientation(source: Dataset, metadata: ViewMetadata) -> list[str]:
+    """Patient Orientation of the panels, or empty when the source has none.
+
+    The source's row and column directions go through the steps of
+    ``model.breast.oriented_view``: a chest wall at the top or bottom is rotated by 90
+    degrees, one on the right is mirrored left-right (``flipped``), and
+    ``flipped_vertical`` mirrors top-bottom. Cropping and resizing keep the directions.
     """
     values = source.get("PatientOrientation")
-    if not values or len(values) != 2 or not all(values):
+    if not values or len(values) != 2 or not all(str(value).strip() for value in values):
         return []
-    row_direction, column_direction = (str(value) for value in values)
-    if flipped:
-        row_direction = row_direction.translate(_OPPOSITE_DIRECTION)
-    return [row_direction, column_direction]
+    rows, columns = (str(value).strip().upper() for value in values)
+    if metadata.chest_wall == "top":  # np.rot90(view, 1), counter-clockwise
+        rows, columns = columns, opposite(rows)
+    elif metadata.chest_wall == "bottom":  # np.rot90(view, -1), clockwise
+        rows, columns = opposite(columns), rows
+    elif metadata.flipped:
+        rows = opposite(rows)
+    if metadata.flipped_vertical:
+        columns = opposite(columns)
+    return [rows, columns]
 
 
 def acquisition_equipment(source: Dataset) -> list[ContributingEquipment]:
@@ -347,7 +361,7 @@ def build_secondary_capture(
     series_uid, sop_uid = secondary_capture_uids(source_uid, model_version, uid_root)
     pixels = render_panels(view, score, summary_lines(view, score, model_name, model_version, preprocessing_version))
     content_date, content_time = content_date_time(source)
-    orientation = patient_orientation(source, view.metadata.flipped)
+    orientation = patient_orientation(source, view.metadata)
 
     # Patient attributes are not passed to SCImage, because its name check warns with the
     # patient name in the message. copy_patient_and_study_information copies them below.
