@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,11 @@ def decode_stored_values(ds: Dataset) -> np.ndarray:
         check_native_length(ds)
 
     try:
-        stored = ds.pixel_array
+        if transfer_syntax is None:
+            stored = ds.pixel_array
+        else:
+            # The decoder, unlike Dataset.pixel_array, keeps no copy on the dataset.
+            stored, _ = get_decoder(transfer_syntax).as_array(ds, index=0)
     except Exception as err:  # pydicom and its plugins raise many exception types
         syntax = transfer_syntax.name if transfer_syntax is not None else "unknown transfer syntax"
         raise PixelDataError(f"failed to decode Pixel Data ({syntax}): {err}") from err
@@ -318,40 +323,68 @@ def apply_fallback_window(values: np.ndarray, padding: np.ndarray | None) -> np.
     return values
 
 
+def apply_voi(ds: Dataset, values: np.ndarray, padding: np.ndarray | None) -> tuple[np.ndarray, str, list[str]]:
+    """Apply the first VOI LUT Sequence item, else the first window, else the fallback.
+
+    Returns the values in [0, 1], the name of the step used and any warnings. A VOI LUT
+    Sequence wins over Window Center/Width when both are present, as in pydicom's
+    apply_voi_lut(prefer_lut=True); a malformed sequence falls back to the window.
+    """
+    warnings: list[str] = []
+    window = window_parameters(ds)
+    sequence = find_attribute(ds, "VOILUTSequence", "FrameVOILUTSequence")
+    if sequence:
+        try:
+            return apply_voi_lut_item(values, sequence[0], ds), "VOI LUT Sequence", warnings
+        except PixelDataError as err:
+            if window is None:
+                raise
+            warnings.append(f"invalid VOI LUT Sequence ({err}); used Window Center/Width instead")
+
+    if window is not None:
+        center, width, function = window
+        return apply_window(values, center, width, function), "window", warnings
+
+    warnings.append(
+        "no VOI LUT Sequence or Window Center/Width; stretched the "
+        f"{FALLBACK_PERCENTILES[0]}th to {FALLBACK_PERCENTILES[1]}th percentile of non-padding pixels to [0, 1]"
+    )
+    return apply_fallback_window(values, padding), "fallback", warnings
+
+
+def apply_polarity(ds: Dataset, values: np.ndarray) -> list[str]:
+    """Invert MONOCHROME1 once, in place; return warnings for a contradicting Presentation LUT Shape.
+
+    The DX and MG image modules require Presentation LUT Shape INVERSE with MONOCHROME1
+    and IDENTITY with MONOCHROME2 (PS3.3 C.8.11.3), so INVERSE describes the same single
+    inversion as MONOCHROME1 and is not applied a second time. Photometric
+    Interpretation decides when the two disagree.
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    warnings = []
+    if photometric == "MONOCHROME1":
+        np.subtract(np.float32(1.0), values, out=values)
+        if shape == "IDENTITY":
+            warnings.append(
+                "Presentation LUT Shape IDENTITY contradicts MONOCHROME1 (INVERSE expected); inverted once as MONOCHROME1"
+            )
+    elif shape == "INVERSE":
+        warnings.append(
+            "Presentation LUT Shape INVERSE contradicts MONOCHROME2 (IDENTITY expected); not inverted, as MONOCHROME2"
+        )
+    return warnings
+
+
 def display_pixels(ds: Dataset) -> DisplayPixels:
-    """Decode Pixel Data and apply Modality LUT, VOI and polarity."""
+    """Decode Pixel Data and apply Modality LUT, VOI and polarity; padding becomes 0."""
     stored = decode_stored_values(ds)
     padding = padding_mask(ds, stored)
     values = apply_modality_lut(ds, stored)
     del stored
-    warnings: list[str] = []
 
-    voi_sequence = find_attribute(ds, "VOILUTSequence")
-    window = window_parameters(ds)
-    if voi_sequence:
-        values = apply_voi_lut_item(values, voi_sequence[0], ds)
-        voi_source = "VOI LUT Sequence"
-    elif window is not None:
-        center, width, function = window
-        values = apply_window(values, center, width, function)
-        voi_source = "window"
-    else:
-        values = apply_fallback_window(values, padding)
-        voi_source = "fallback"
-        warnings.append(
-            "no VOI LUT Sequence or Window Center/Width; stretched the "
-            f"{FALLBACK_PERCENTILES[0]}th to {FALLBACK_PERCENTILES[1]}th percentile of non-padding pixels to [0, 1]"
-        )
-
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
-    if photometric == "MONOCHROME1":
-        np.subtract(np.float32(1.0), values, out=values)
-    if photometric == "MONOCHROME2" and shape == "INVERSE":
-        warnings.append("Presentation LUT Shape INVERSE with MONOCHROME2 contradicts the MG IOD; scored as MONOCHROME2")
-    if photometric == "MONOCHROME1" and shape == "IDENTITY":
-        warnings.append("Presentation LUT Shape IDENTITY with MONOCHROME1 contradicts the MG IOD; scored as MONOCHROME1")
-
+    values, voi_source, warnings = apply_voi(ds, values, padding)
+    warnings += apply_polarity(ds, values)
     if padding is not None:
         values[padding] = 0.0
     return DisplayPixels(values.astype(np.float32, copy=False), padding, voi_source, warnings)

@@ -294,8 +294,6 @@ def preprocess_array(
         flipped_vertical=orientation.flip_vertical,
         voi_source=voi_source,
     )
-    for warning in warnings:
-        logger.debug("preprocessing warning: %s", warning)
     return PreprocessedView(resized, metadata)
 
 
@@ -400,6 +398,8 @@ def preprocess_dataset(
         voi_source=pixels.voi_source,
     )
     finished = time.perf_counter()
+    for warning in result.metadata.warnings:
+        logger.warning("SOP Instance UID %s: %s", ds.get("SOPInstanceUID", "(missing)"), warning)
     if timings is not None:
         timings["decode_ms"] = (decoded - started) * 1000.0
         timings["preprocess_ms"] = (finished - decoded) * 1000.0
@@ -453,7 +453,8 @@ def preprocess_file(
             f"image is {image.shape[0]} x {image.shape[1]} pixels; at least {MIN_IMAGE_SIZE} x {MIN_IMAGE_SIZE} is needed"
         )
     padding = image == 0.0
-    return preprocess_array(
+    # Training reads many files; their warnings stay in the metadata and go to DEBUG only.
+    result = preprocess_array(
         image,
         padding,
         laterality=laterality,
@@ -462,3 +463,6 @@ def preprocess_file(
         size=size,
         voi_source="file",
     )
+    for warning in result.metadata.warnings:
+        logger.debug("%s: %s", path, warning)
+    return result
