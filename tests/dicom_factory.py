@@ -11,13 +11,14 @@ import copy
 import gzip
 import io
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 GE_FOR_PRESENTATION = "MG-Im-GE_Seno_1_ForPresentation.dcm"
 GE_FOR_PROCESSING = "MG-Im-GE_Seno_1_ForProcessing.dcm"
@@ -56,8 +57,13 @@ def load_header(name: str = GE_FOR_PRESENTATION) -> Dataset:
 
 
 def derived_uid(*parts: object) -> str:
-    """A deterministic UID under the 2.25 root, derived from ``parts``."""
-    return generate_uid(prefix=None, entropy_srcs=["mammo-vae-worker tests", *map(str, parts)])
+    """A deterministic UID under the 2.25 root, derived from ``parts``.
+
+    pydicom 3.0 ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the entropy
+    sources and returns a random UUID, so the name-based UUID is built here.
+    """
+    name = "\x1f".join(["mammo-vae-worker tests", *map(str, parts)])
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def make_mammogram(
