@@ -1,7 +1,7 @@
 """Find the breast in a display image, crop it, orient it and resize it by area averaging.
 
 All functions take float32 images in [0, 1] (0 black, 1 white) and never copy the full
-image: detection runs on a block-averaged copy of at most DETECTION_SIZE pixels a side,
+float image: detection runs on a block-averaged copy of at most DETECTION_SIZE pixels a side,
 and the final resize multiplies the cropped view by two box-weight matrices.
 """
 
@@ -16,7 +16,7 @@ from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
-# Longest side of the reduced copy used for breast detection, in pixels.
+# Maximum side length of the reduced copy used for breast detection, in pixels.
 DETECTION_SIZE = 256
 # Gaussian smoothing before thresholding, in reduced pixels.
 DETECTION_SIGMA = 1.5
@@ -30,7 +30,7 @@ EDGES = ("left", "right", "top", "bottom")
 
 @dataclass(frozen=True)
 class Orientation:
-    """Where the chest wall is in the stored image, and whether rows run the wrong way."""
+    """Position of the chest wall in the stored image, and whether rows run upside down."""
 
     chest_wall: str  # one of EDGES
     flip_vertical: bool = False
@@ -43,8 +43,8 @@ class Orientation:
 @dataclass(frozen=True)
 class Detection:
     crop_box: tuple[int, int, int, int]  # (row0, col0, row1, col1), end exclusive
-    chest_wall_from_content: str  # "left" or "right", from the breast's shape in the crop
-    threshold: float  # Otsu threshold on the smoothed reduced image
+    chest_wall_from_content: str  # "left" or "right", from the brightness of the breast's outer quarters
+    threshold: float  # threshold applied to the smoothed reduced image
     found: bool  # False when no breast-like component was found and the content box is used
 
 
@@ -96,7 +96,7 @@ def breast_threshold(values: np.ndarray) -> float:
 
 
 def detect_breast(image: np.ndarray, padding: np.ndarray | None) -> Detection:
-    """Crop box of the breast: Otsu threshold of a smoothed reduced copy, largest component.
+    """Find the breast's crop box: threshold a smoothed reduced copy, keep the largest component.
 
     Only the non-padding content box is looked at, so a border of padding never moves
     the result. Labels and markers are separate components, removed by keeping the
@@ -108,7 +108,7 @@ def detect_breast(image: np.ndarray, padding: np.ndarray | None) -> Detection:
     factor = max(1, math.ceil(max(content.shape) / DETECTION_SIZE))
     reduced = block_mean(content, factor)
     if padding is not None:
-        valid = block_mean(~padding[row0:row1, col0:col1], factor) >= 0.5
+        valid = block_mean(padding[row0:row1, col0:col1], factor) <= 0.5
     else:
         valid = np.ones(reduced.shape, dtype=bool)
 
@@ -148,7 +148,7 @@ def detect_breast(image: np.ndarray, padding: np.ndarray | None) -> Detection:
 
 
 def chest_wall_side(breast: np.ndarray, smoothed: np.ndarray) -> str:
-    """Left or right: the side whose outer quarter holds more of the breast's brightness.
+    """Return "left" or "right": the side whose outer quarter has more of the breast's brightness.
 
     The breast is thickest, and its pectoral muscle brightest, at the chest wall; it
     tapers towards the nipple. On the 322 mini-MIAS films this gives the side of the
@@ -166,9 +166,9 @@ def box_weights(source_length: int, offset: float, square: float, size: int) -> 
     """Area-averaging weights (size x source_length) from source pixels to output pixels.
 
     Source pixel i covers [offset + i, offset + i + 1) on a square axis of length
-    ``square``; output pixel j covers [j, j + 1) * square / size. Each weight is the
-    overlap divided by the output pixel's length, so parts of the square outside the
-    source contribute zeros (the padding).
+    ``square``, and output pixel j covers [j, j + 1) * square / size. Each weight is the
+    overlap divided by the output pixel's length. Parts of the square outside the source
+    contribute zeros, which is the padding.
     """
     scale = square / size
     starts = offset + np.arange(source_length, dtype=np.float64)
@@ -178,10 +178,10 @@ def box_weights(source_length: int, offset: float, square: float, size: int) -> 
 
 
 def oriented_view(image: np.ndarray, orientation: Orientation) -> np.ndarray:
-    """A view (no copy) of ``image`` turned so the chest wall is on the left.
+    """Return a view (no copy) of ``image`` turned so the chest wall is on the left.
 
-    A chest wall on the right is mirrored left-right; one at the top or bottom is rotated
-    by 90 degrees; ``flip_vertical`` then mirrors top-bottom.
+    A chest wall on the right is mirrored left-right, and one at the top or bottom is
+    rotated by 90 degrees. ``flip_vertical`` then mirrors top-bottom.
     """
     view = image
     if orientation.chest_wall == "right":

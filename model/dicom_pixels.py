@@ -47,7 +47,7 @@ def find_attribute(ds: Dataset, keyword: str, group_keyword: str | None = None):
 
     Enhanced objects (Breast Projection X-Ray) keep rescale, window and laterality in
     Shared or Per-Frame Functional Groups; ``group_keyword`` names the macro sequence
-    that holds ``keyword`` there (for example ``"FrameVOILUTSequence"``).
+    that contains ``keyword`` there (for example ``"FrameVOILUTSequence"``).
     """
     value = ds.get(keyword)
     if value not in (None, ""):
@@ -118,14 +118,14 @@ def check_native_length(ds: Dataset) -> None:
     geometry = f"Rows {ds.Rows} x Columns {ds.Columns} x Bits Allocated {ds.BitsAllocated}"
     if actual < expected:
         raise PixelDataError(
-            f"truncated pixel data: Pixel Data holds {actual} bytes but {geometry} needs "
+            f"truncated pixel data: Pixel Data contains {actual} bytes but {geometry} needs "
             f"{expected} bytes"
         )
     # One trailing byte pads odd lengths to an even length (PS3.5 8.1.1).
     if actual > expected + 1:
         raise PixelDataError(
             f"Rows/Columns disagree with the Pixel Data length: {geometry} needs {expected} "
-            f"bytes but Pixel Data holds {actual}"
+            f"bytes but Pixel Data contains {actual}"
         )
 
 
@@ -210,7 +210,7 @@ def lut_data(item: Dataset, ds: Dataset) -> np.ndarray:
     else:
         data = np.asarray(value if isinstance(value, (list, tuple)) else [value], dtype=np.int64)
     if data.size != entries:
-        raise PixelDataError(f"LUT Data holds {data.size} entries but LUT Descriptor declares {entries}")
+        raise PixelDataError(f"LUT Data contains {data.size} entries but LUT Descriptor declares {entries}")
     return data.astype(np.int64)
 
 

@@ -1,7 +1,7 @@
 """The one preprocessing path shared by training and the worker.
 
 From a pydicom Dataset or an image file to a float32 128x128 array in [0, 1] plus the
-metadata that says how it was made. Both entry points end in ``preprocess_array``, so a
+metadata that describes how it was made. Both entry points end in ``preprocess_array``, so a
 film read from a file and the same pixels received as DICOM give the same array.
 See docs/preprocessing.md for each step and the decisions behind it.
 """
@@ -80,8 +80,8 @@ class ViewMetadata:
     source_shape: tuple[int, int]
     preprocessing_version: str = PREPROCESSING_VERSION
     warnings: tuple[str, ...] = field(default_factory=tuple)
-    # Edge of the stored image that held the chest wall ("left", "right", "top", "bottom");
-    # the image was turned by model.breast.oriented_view to put it on the left.
+    # Edge of the stored image that held the chest wall: "left", "right", "top" or "bottom".
+    # model.breast.oriented_view turned the image to put it on the left.
     chest_wall: str = "left"
     # True when rows were also mirrored top-bottom to follow the Patient Orientation convention.
     flipped_vertical: bool = False
@@ -123,7 +123,7 @@ def check_sop_class(ds: pydicom.Dataset) -> None:
     intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
     if uid in FOR_PROCESSING_SOP_CLASSES:
         raise UnsupportedView(
-            f"SOP Class UID {uid} ({FOR_PROCESSING_SOP_CLASSES[uid]}) holds raw detector data; "
+            f"SOP Class UID {uid} ({FOR_PROCESSING_SOP_CLASSES[uid]}) contains raw detector data; "
             "only For Presentation images are scored"
         )
     if intent == "FOR PROCESSING":
@@ -202,12 +202,12 @@ def view_from_code_sequence(ds: pydicom.Dataset) -> str | None:
     modifiers = list(item.get("ViewModifierCodeSequence") or []) + list(ds.get("ViewModifierCodeSequence") or [])
     if modifiers:
         names = ", ".join(describe_code(code) for code in modifiers)
-        raise UnsupportedView(f"View Modifier Code Sequence holds {names}; only unmodified CC and MLO views are scored")
+        raise UnsupportedView(f"View Modifier Code Sequence contains {names}; only unmodified CC and MLO views are scored")
     key = (str(item.get("CodingSchemeDesignator", "")).strip(), str(item.get("CodeValue", "")).strip())
     view = VIEW_CODES.get(key)
     if view is None:
         raise UnsupportedView(
-            f"View Code Sequence holds {describe_code(item)}; only cranio-caudal (SCT 399162004, SRT R-10242) "
+            f"View Code Sequence contains {describe_code(item)}; only cranio-caudal (SCT 399162004, SRT R-10242) "
             "and medio-lateral oblique (SCT 399368009, SRT R-10226) are scored"
         )
     return view
@@ -313,9 +313,9 @@ def orientation_from_header(
     """Chest-wall edge and vertical flip from Patient Orientation (0020,0020).
 
     Patient Orientation gives the patient direction of the rows (left to right) and of
-    the columns (top to bottom), PS3.3 C.7.6.1.1.1. The chest wall is posterior: a row
-    direction with A puts it on the left, P on the right; a column direction with A
-    puts it at the top, P at the bottom. After turning, rows are mirrored top-bottom
+    the columns (top to bottom), PS3.3 C.7.6.1.1.1. The chest wall is posterior, so a row
+    direction with A puts it on the left and one with P on the right. A column direction
+    with A puts it at the top and one with P at the bottom. After turning, rows are mirrored top-bottom
     when "down" points head-wards (H) in an MLO view or laterally in a CC view, so that
     every view ends with the chest wall on the left and feet (MLO) or the medial side
     (CC) downwards, as a left breast stored with A\\FR (MLO) or A\\R (CC).
@@ -325,9 +325,9 @@ def orientation_from_header(
     values = [str(item).strip().upper() for item in value] if value else []
     fallback = orientation_for_laterality(side)
     if len(values) != 2:
-        shown = "\\".join(values) if values else "missing"
+        given = "\\".join(values) if values else "missing"
         return fallback, [
-            f"Patient Orientation is {shown}; assumed the chest wall on the "
+            f"Patient Orientation is {given}; assumed the chest wall on the "
             f"{fallback.chest_wall} from Image Laterality {side}"
         ]
     row_direction, column_direction = values

@@ -335,7 +335,7 @@ def test_voi_lut_sequence(bits: int, as_bytes: bool) -> None:
     assert np.abs(result.image - expected).max() < EXACT
 
 
-def test_voi_lut_sequence_8_bit_one_byte_per_entry() -> None:
+def test_voi_lut_8_bit_packed_bytes() -> None:
     lut = np.arange(256, dtype=np.uint8)[::-1]
     ds = ramp_dataset(None, None, None)
     item = Dataset()
@@ -825,14 +825,15 @@ def lesion_centres(data_dir: Path) -> dict[int, tuple[int, int]]:
     return centres
 
 
-def test_crop_holds_every_tenth_lesion_centre(data_dir: Path) -> None:
+def test_crop_contains_tenth_lesion_centres(data_dir: Path) -> None:
     centres = lesion_centres(data_dir)
     assert len(centres) > 100
     for number in sorted(centres)[::10]:
         row, column = centres[number]
         view = preprocess_file(dicom_factory.mias_path(number), laterality=dicom_factory.mias_laterality(number))
         row0, col0, row1, col1 = view.metadata.crop_box
-        assert row0 <= row < row1 and col0 <= column < col1, f"mdb{number:03d} lesion outside {view.metadata.crop_box}"
+        assert row0 <= row < row1, f"mdb{number:03d}: lesion row {row} outside {view.metadata.crop_box}"
+        assert col0 <= column < col1, f"mdb{number:03d}: lesion column {column} outside {view.metadata.crop_box}"
 
 
 # --------------------------------------------------------------------------- files and one path
@@ -902,7 +903,7 @@ def test_full_field_image_memory(data_dir: Path) -> None:
     film = np.asarray(Image.fromarray(dicom_factory.load_mias(LEFT_FILM)).resize((4096, 5625), Image.Resampling.BILINEAR))
     ds = mammogram(film, bits_stored=16)
     # The float32 display image, the uint16 stored values and the bool padding mask take
-    # 7 bytes a pixel; a float64 copy of the image would add 8 more.
+    # 7 bytes a pixel. A float64 copy of the image would add 8 more.
     allowed = 4096 * 5625 * 7.5
 
     tracemalloc.start()
