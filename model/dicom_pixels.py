@@ -46,8 +46,8 @@ def find_attribute(ds: Dataset, keyword: str, group_keyword: str | None = None):
     """Return ``keyword`` from the top level, else from the functional groups.
 
     Enhanced objects (Breast Projection X-Ray) keep rescale, window and laterality in
-    Shared or Per-Frame Functional Groups; ``group_keyword`` names the macro sequence
-    that contains ``keyword`` there (for example ``"FrameVOILUTSequence"``).
+    Shared or Per-Frame Functional Groups. ``group_keyword`` names the macro sequence
+    that contains ``keyword`` there, for example ``"FrameVOILUTSequence"``.
     """
     value = ds.get(keyword)
     if value not in (None, ""):
@@ -378,7 +378,11 @@ def apply_polarity(ds: Dataset, values: np.ndarray) -> list[str]:
 
 def display_pixels(ds: Dataset) -> DisplayPixels:
     """Decode Pixel Data and apply Modality LUT, VOI and polarity; padding becomes 0."""
-    stored = decode_stored_values(ds)
+    return display_from_stored(ds, decode_stored_values(ds))
+
+
+def display_from_stored(ds: Dataset, stored: np.ndarray) -> DisplayPixels:
+    """Apply Modality LUT, VOI and polarity to decoded stored values; padding becomes 0."""
     padding = padding_mask(ds, stored)
     values = apply_modality_lut(ds, stored)
     del stored

@@ -20,7 +20,7 @@ import pydicom
 from PIL import Image
 
 from model import breast
-from model.dicom_pixels import PixelDataError, display_pixels, find_attribute
+from model.dicom_pixels import PixelDataError, decode_stored_values, display_from_stored, find_attribute
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +265,8 @@ def preprocess_array(
     be 0. ``orientation`` gives the chest-wall edge of ``image``; None detects the side
     from the image content and records a warning.
     """
+    if size < 1:
+        raise ValueError(f"size is {size}; expected a positive number of pixels")
     warnings = list(warnings or [])
     detection = breast.detect_breast(image, padding)
     if not detection.found:
@@ -276,8 +278,8 @@ def preprocess_array(
         )
     elif orientation.chest_wall in ("left", "right") and orientation.chest_wall != detection.chest_wall_from_content:
         warnings.append(
-            f"header puts the chest wall on the {orientation.chest_wall} but the image content suggests the "
-            f"{detection.chest_wall_from_content}; the header was followed"
+            f"chest wall placed on the {orientation.chest_wall} as the laterality or Patient Orientation "
+            f"gives, but the image content suggests the {detection.chest_wall_from_content}"
         )
 
     row0, col0, row1, col1 = detection.crop_box
@@ -374,17 +376,23 @@ def orientation_from_header(
 def preprocess_dataset(
     ds: pydicom.Dataset, size: int = OUTPUT_SIZE, timings: dict[str, float] | None = None
 ) -> PreprocessedView:
-    """``timings``, when given, receives ``decode_ms`` and ``preprocess_ms``."""
+    """Check, decode and preprocess one view; raise UnsupportedView or PreprocessingError.
+
+    ``timings``, when given, receives ``decode_ms`` (Pixel Data to stored values) and
+    ``preprocess_ms`` (everything after that).
+    """
     check_scorable(ds)
     view = view_position(ds)
     side = laterality(ds)
 
     started = time.perf_counter()
     try:
-        pixels = display_pixels(ds)
+        stored = decode_stored_values(ds)
+        decoded = time.perf_counter()
+        pixels = display_from_stored(ds, stored)
     except PixelDataError as err:
         raise PreprocessingError(str(err)) from err
-    decoded = time.perf_counter()
+    del stored
 
     orientation, orientation_warnings = orientation_from_header(ds, side, view)
     result = preprocess_array(

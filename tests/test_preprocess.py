@@ -112,6 +112,8 @@ def test_output_dtype_shape_range(film: np.ndarray) -> None:
 def test_output_size_argument(film: np.ndarray) -> None:
     view = preprocess_dataset(mammogram(film), size=64)
     assert view.image.shape == (64, 64)
+    with pytest.raises(ValueError, match="size is 0"):
+        preprocess_dataset(mammogram(film), size=0)
 
 
 def test_area_resize_matches_pillow_box_at_integer_ratio() -> None:
@@ -786,6 +788,7 @@ def test_orientation_contradicting_content_warns(film: np.ndarray) -> None:
     ds = mammogram(film, "R")  # a left film labelled right: header says chest wall on the right
     result = preprocess_dataset(ds)
     assert any("image content suggests the left" in warning for warning in result.metadata.warnings)
+    assert result.metadata.flipped is True
 
 
 def test_unknown_laterality_detected_from_content(data_dir: Path) -> None:
