@@ -30,6 +30,8 @@ FALLBACK_PERCENTILES = (0.5, 99.5)
 # The fallback percentiles are taken on a strided sample of about this many pixels.
 FALLBACK_SAMPLE_PIXELS = 1_000_000
 VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+# Pixels mapped per step by lookup(), which bounds its temporary index arrays.
+LOOKUP_PIXELS = 1 << 16
 
 
 @dataclass
@@ -158,7 +160,7 @@ def apply_modality_lut(ds: Dataset, stored: np.ndarray) -> np.ndarray:
         item = sequence[0]
         lut = lut_data(item, ds)
         entries, first_mapped = lut_geometry(item)
-        return lookup(stored, lut, first_mapped, entries).astype(np.float32)
+        return lookup(stored, lut, first_mapped, entries)
 
     slope = find_attribute(ds, "RescaleSlope", "PixelValueTransformationSequence")
     intercept = find_attribute(ds, "RescaleIntercept", "PixelValueTransformationSequence")
@@ -214,11 +216,28 @@ def lut_data(item: Dataset, ds: Dataset) -> np.ndarray:
     return data.astype(np.int64)
 
 
-def lookup(values: np.ndarray, lut: np.ndarray, first_mapped: int, entries: int) -> np.ndarray:
-    """Apply a LUT: values below the first mapped value take entry 0, above the last the last."""
-    index = np.rint(values) if values.dtype.kind == "f" else values
-    index = np.clip(index.astype(np.int64, copy=False) - first_mapped, 0, entries - 1)
-    return lut[index]
+def lookup(
+    values: np.ndarray, lut: np.ndarray, first_mapped: int, entries: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Map ``values`` through a LUT into float32 ``out`` (may be ``values`` itself).
+
+    Values are rounded to the nearest integer. Those below the first mapped value take
+    the first entry, and those past the last entry take the last. The integer indices
+    exist for about LOOKUP_PIXELS pixels at a time, so no full-size int64 array is made.
+    """
+    if out is None:
+        out = np.empty(values.shape, dtype=np.float32)
+    table = lut.astype(np.float32)
+    rows = max(1, LOOKUP_PIXELS // max(1, values.shape[1]))
+    for start in range(0, values.shape[0], rows):
+        block = values[start : start + rows]
+        if block.dtype.kind == "f":
+            block = np.rint(block)
+        index = block.astype(np.int64)
+        index -= first_mapped
+        np.clip(index, 0, entries - 1, out=index)
+        out[start : start + rows] = table[index]
+    return out
 
 
 def window_parameters(ds: Dataset) -> tuple[float, float, str] | None:
@@ -244,31 +263,29 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str)
 
     LINEAR:       y = ((x - (c - 0.5)) / (w - 1) + 0.5), 0 at or below c - 0.5 - (w - 1) / 2,
                   1 above c - 0.5 + (w - 1) / 2.
-    LINEAR_EXACT: y = (x - c) / w + 0.5, clipped to [0, 1].
+    LINEAR_EXACT: y = (x - c) / w + 0.5, 0 at or below c - w / 2, 1 above c + w / 2.
     SIGMOID:      y = 1 / (1 + exp(-4 (x - c) / w)).
+
+    Both linear formulas reach 0 and 1 exactly at their bounds, so clipping the formula
+    to [0, 1] gives the piecewise definition without full-size masks.
     """
     if function == "LINEAR":
         if width < 1:
             raise PixelDataError(f"Window Width {width} is invalid for LINEAR; expected at least 1")
-        low = center - 0.5 - (width - 1) / 2
-        high = center - 0.5 + (width - 1) / 2
         if width == 1:
             # The formula degenerates to a threshold at c - 0.5.
-            return threshold(values, low)
-        below = values <= low
-        above = values > high
+            np.greater(values, np.float32(center - 0.5), out=values, casting="unsafe")
+            return values
         values -= np.float32(center - 0.5)
-        values *= np.float32(1.0 / (width - 1))
+        values /= np.float32(width - 1)
         values += np.float32(0.5)
-        values[below] = 0.0
-        values[above] = 1.0
         np.clip(values, 0.0, 1.0, out=values)
         return values
     if function == "LINEAR_EXACT":
         if width <= 0:
             raise PixelDataError(f"Window Width {width} is invalid for LINEAR_EXACT; expected more than 0")
         values -= np.float32(center)
-        values *= np.float32(1.0 / width)
+        values /= np.float32(width)
         values += np.float32(0.5)
         np.clip(values, 0.0, 1.0, out=values)
         return values
@@ -285,13 +302,6 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str)
     raise PixelDataError(f"VOI LUT Function {function!r} is not supported; expected one of {', '.join(VOI_LUT_FUNCTIONS)}")
 
 
-def threshold(values: np.ndarray, level: float) -> np.ndarray:
-    above = values > level
-    values[...] = 0.0
-    values[above] = 1.0
-    return values
-
-
 def apply_voi_lut_item(values: np.ndarray, item: Dataset, ds: Dataset) -> np.ndarray:
     """Map through a VOI LUT Sequence item; output scaled by 2**bits - 1 to [0, 1]."""
     lut = lut_data(item, ds)
@@ -301,8 +311,7 @@ def apply_voi_lut_item(values: np.ndarray, item: Dataset, ds: Dataset) -> np.nda
     if lut.max(initial=0) > top:
         # Some writers declare fewer bits than the data use; scale by the data instead.
         top = float(lut.max())
-    table = (lut.astype(np.float32) / np.float32(top)).astype(np.float32)
-    return lookup(values, table, first_mapped, entries)
+    return lookup(values, lut / top, first_mapped, entries, out=values)
 
 
 def apply_fallback_window(values: np.ndarray, padding: np.ndarray | None) -> np.ndarray:

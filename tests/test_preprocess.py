@@ -19,7 +19,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_windowing
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import RLELossless
 
 import dicom_factory
 from model import breast, dicom_pixels
@@ -901,10 +901,16 @@ def test_shared_function_used_by_both_paths(film: np.ndarray) -> None:
 # --------------------------------------------------------------------------- full field
 
 
-def test_full_field_image_memory(data_dir: Path) -> None:
-    """A 4096 x 5625 16-bit view is processed without a full-size float64 copy."""
+@pytest.mark.parametrize("voi", ["SIGMOID", "LINEAR", "VOI LUT Sequence"])
+def test_full_field_image_memory(data_dir: Path, voi: str) -> None:
+    """A 4096 x 5625 16-bit view is processed without a full-size float64 or int64 copy."""
     film = np.asarray(Image.fromarray(dicom_factory.load_mias(LEFT_FILM)).resize((4096, 5625), Image.Resampling.BILINEAR))
     ds = mammogram(film, bits_stored=16)
+    if voi == "LINEAR":
+        ds.VOILUTFunction = "LINEAR"
+    if voi == "VOI LUT Sequence":
+        lut = np.round(np.linspace(0, 1, 1 << 16) ** 0.7 * 4095).astype(np.int64)
+        ds.VOILUTSequence = Sequence([voi_lut_item(lut, 0, 12, as_bytes=True)])
     # The float32 display image, the uint16 stored values and the bool padding mask take
     # 7 bytes a pixel. A float64 copy of the image would add 8 more.
     allowed = 4096 * 5625 * 7.5
@@ -917,4 +923,5 @@ def test_full_field_image_memory(data_dir: Path) -> None:
         tracemalloc.stop()
 
     assert view.image.shape == (OUTPUT_SIZE, OUTPUT_SIZE)
+    assert view.metadata.voi_source == ("window" if voi in ("SIGMOID", "LINEAR") else voi)
     assert peak < allowed, f"peak {peak / 2**20:.0f} MiB"
