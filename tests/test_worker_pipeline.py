@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -284,3 +285,21 @@ def test_quiet_study_completes(tmp_path: Path, tiny_checkpoint: Path) -> None:
     assert study is not None
     assert study.state == "complete"
     assert study.scored_views == 2
+
+
+def test_interrupted_too_often_failed(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    ds = single_view("pipeline-attempts")
+    port = unused_port()
+    with running_worker(worker_settings(tmp_path / "data", port, tiny_checkpoint, processing__workers=0)) as running:
+        assert send(running.port, [ds]) == [0x0000]
+        data_dir = running.data_dir
+    # Three earlier runs died while processing this instance.
+    with sqlite3.connect(data_dir / "results.sqlite") as connection:
+        connection.execute("UPDATE instances SET state = 'processing', attempts = 3")
+
+    settings = worker_settings(data_dir, port, tiny_checkpoint, processing__max_attempts=3)
+    with running_worker(settings):
+        result = wait_for_view(data_dir, ds.SOPInstanceUID)
+    assert result.status == "failed"
+    assert "interrupted 3 times" in result.reason
+    assert [row.state for row in instances(data_dir)] == ["done"]

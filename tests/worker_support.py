@@ -99,6 +99,10 @@ def dcmtk(name: str) -> str:
         candidate = Path(folder) / name
         if not os.access(candidate, os.X_OK):
             continue
+        # DCMTK tools are compiled programs; scripts (such as pyenv shims) are other tools.
+        with candidate.open("rb") as stream:
+            if stream.read(2) == b"#!":
+                continue
         result = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=30)
         if "dcmtk" in result.stdout.lower():
             return str(candidate)
@@ -124,8 +128,8 @@ def send(port: int, items: Sequence[Dataset | Path], transfer_syntax: str | None
 
     A file is sent as its encoded bytes, in its own transfer syntax, without re-encoding.
     """
-    # pynetdicom sends a file's dataset bytes as they are only in chunked mode; otherwise
-    # it decodes the file first, which fails for the deliberately broken test files.
+    # pynetdicom sends a file's dataset bytes unchanged only in chunked mode. Otherwise it
+    # decodes the file first, which fails for the deliberately broken test files.
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=calling_ae_title)
     contexts = set()
@@ -227,7 +231,7 @@ class WorkerProcess:
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=environment)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until the worker answers C-ECHO."""
+        """Wait until a C-ECHO to the worker returns Success."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -239,11 +243,13 @@ class WorkerProcess:
         raise TimeoutError(f"worker did not answer C-ECHO within {timeout} s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def terminate(self, timeout: float = 60.0) -> int:
-        self.process.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 60.0, signum: int = signal.SIGTERM) -> int:
+        """Send ``signum`` (SIGTERM or SIGINT) and return the exit status."""
+        self.process.send_signal(signum)
         return self.wait(timeout)
 
     def kill(self) -> int:

@@ -23,15 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from model.preprocess import PreprocessedView, PreprocessingError, UnsupportedView, check_scorable, preprocess_dataset
 from model.scoring import Scorer, ViewScore
-from worker import studies
+from worker import export, forward, studies
 from worker.db import Instance, Study, ViewResult, utcnow
 
-try:
-    from worker import export as sc_export
-    from worker import forward
-except ImportError:  # NOTE: without worker.export no Secondary Capture is written or forwarded.
-    sc_export = None  # type: ignore[assignment]
-    forward = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -162,12 +156,12 @@ def export_view(
     instance: Instance, ds: pydicom.Dataset, view: PreprocessedView, outcome: Outcome, context: ProcessingContext
 ) -> None:
     """Write the Secondary Capture of a scored view; a failure becomes a warning on the result."""
-    if sc_export is None or outcome.score is None:
+    if outcome.score is None:
         return
     started = time.perf_counter()
     scorer = context.scorer
     try:
-        sc = sc_export.build_secondary_capture(
+        sc = export.build_secondary_capture(
             ds,
             view,
             outcome.score,
@@ -179,13 +173,13 @@ def export_view(
         if instance.conflicts_with_id is not None:
             # The UIDs derive from the source SOP Instance UID, which this instance shares
             # with another of other content, so the content hash is added to keep them apart.
-            series_uid, sop_uid = sc_export.secondary_capture_uids(
+            series_uid, sop_uid = export.secondary_capture_uids(
                 instance.sop_instance_uid, f"{scorer.model_version}/{instance.sha256[:16]}", context.uid_root
             )
             sc.SeriesInstanceUID = series_uid
             sc.SOPInstanceUID = sop_uid
             sc.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        path = sc_export.write_secondary_capture(sc, context.data_dir / EXPORTS_DIRNAME)
+        path = export.write_secondary_capture(sc, context.data_dir / EXPORTS_DIRNAME)
     except Exception as err:  # noqa: BLE001 - the score stands even when its export fails
         outcome.warnings.append(f"Secondary Capture export failed: {type(err).__name__}: {err}")
         logger.error(
@@ -237,7 +231,7 @@ def write_result(session: Session, instance: Instance, outcome: Outcome, context
     instance.state = "done"
     session.flush()
 
-    if outcome.sc_path and context.destination and forward is not None:
+    if outcome.sc_path and context.destination:
         forward.enqueue_export(session, result.id, outcome.sc_sop_instance_uid, outcome.sc_path, context.destination)
     if instance.study_instance_uid:
         update_study(session, instance.study_instance_uid, context.quiet_period_s)

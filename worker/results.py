@@ -23,11 +23,6 @@ from sqlalchemy.orm import Session
 
 from worker.db import ExportJob, Study, ViewResult, open_database
 
-try:
-    from worker import forward
-except ImportError:  # NOTE: --retry-exports needs worker.forward.
-    forward = None  # type: ignore[assignment]
-
 DATABASE_NAME = "results.sqlite"
 EXIT_USAGE = 2
 
@@ -193,9 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with session_factory() as session:
             if args.retry_exports:
-                if forward is None:
-                    print("error: --retry-exports needs worker.forward, which is not installed", file=sys.stderr)
-                    return EXIT_USAGE
+                # Imported here because pydicom and pynetdicom take a second to import.
+                from worker import forward
+
                 moved = forward.retry_dead(session)
                 session.commit()
                 print(f"{moved} dead export jobs moved back to pending")

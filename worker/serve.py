@@ -18,23 +18,23 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import highdicom
+import numpy as np
+import pydicom
+
 from model.checkpoint import Checkpoint, code_version, load_checkpoint
 from model.preprocess import PREPROCESSING_VERSION
 from model.scoring import Scorer
-from worker import pipeline, scp, spool
+from worker import forward, pipeline, scp, spool
 from worker.db import open_database
 from worker.settings import Settings, SettingsError, load_settings
 from worker.studies import StudyMonitor
-
-try:
-    from worker import forward
-except ImportError:  # NOTE: without worker.forward a configured destination cannot be served.
-    forward = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,22 @@ def load_scorer(settings: Settings) -> Scorer:
     return Scorer(checkpoint, threshold_rule=None if rule == "checkpoint" else rule, threads=torch_threads(settings))  # type: ignore[arg-type]
 
 
+def warm_up(scorer: Scorer) -> None:
+    """Do the one-time work of the first view before the first instance arrives.
+
+    The first inference initialises torch's kernels, and highdicom reads its tables of the
+    DICOM standard (about a second) when the first Secondary Capture is built.
+    """
+    started = time.perf_counter()
+    size = scorer.checkpoint.model_config.input_size
+    scorer.score(np.zeros((size, size), dtype=np.float32), "L", "CC")
+    source = pydicom.Dataset()
+    source.SOPClassUID = scp.STORAGE_SOP_CLASSES[0]
+    source.Manufacturer = "warm-up"
+    highdicom.ContributingEquipment.for_image_acquisition(source)
+    logger.debug("Warm-up took %.0f ms", (time.perf_counter() - started) * 1000.0)
+
+
 class Worker:
     """The running worker: database, processing pool, study monitor, forwarder and SCP."""
 
@@ -85,9 +101,8 @@ class Worker:
 
     def start(self) -> None:
         settings = self.settings
-        if settings.forward.enabled and forward is None:
-            raise StartupError("forward.ae_title is set but worker.forward is not installed; clear forward.ae_title")
         self.scorer = load_scorer(settings)
+        warm_up(self.scorer)
 
         for name in (spool.SPOOL_DIRNAME, pipeline.EXPORTS_DIRNAME):
             spool.make_directories(self.data_dir / name)
@@ -96,7 +111,7 @@ class Worker:
         pipeline.recover_interrupted(self.session_factory)
 
         destination = None
-        if settings.forward.enabled and forward is not None:
+        if settings.forward.enabled:
             destination = forward.Destination(settings.forward.ae_title, settings.forward.host, settings.forward.port)
             self.forwarder = forward.Forwarder(
                 self.session_factory,
