@@ -13,10 +13,17 @@ from worker.settings import DEFAULT_CONFIG_PATH, Settings, SettingsError, load_s
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda path: path.name)
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("worker*.toml")), ids=lambda path: path.name)
 def test_shipped_config_loads(path: Path) -> None:
     settings = load_settings(path, environ={})
     assert isinstance(settings, Settings)
+
+
+def test_network_config_restricts_callers() -> None:
+    settings = load_settings(CONFIG_DIR / "worker-network.toml", environ={})
+    assert settings.dicom.host == "0.0.0.0"
+    assert settings.dicom.allowed_calling_ae_titles
+    assert settings.forward.enabled
 
 
 def test_shipped_config_defaults() -> None:
