@@ -91,7 +91,7 @@ def convert_with_dcmtk(tool: str, *options: str) -> Callable[[Path, Path], None]
 def compress_with_pydicom(syntax: str, **options: object) -> Callable[[Path, Path], None]:
     def convert(source: Path, target: Path) -> None:
         ds = pydicom.dcmread(source)
-        ds.compress(syntax, **options)
+        ds.compress(syntax, generate_instance_uid=False, **options)
         ds.save_as(target, enforce_file_format=True)
 
     return convert
