@@ -111,6 +111,8 @@ def make_mammogram(
     ds.PixelRepresentation = 0
     ds.PhotometricInterpretation = photometric
     ds.PixelPaddingValue = 0 if photometric == "MONOCHROME2" else (1 << bits_stored) - 1
+    # The header's VR is "US or SS"; with unsigned pixels it is US, and writers need one VR.
+    ds["PixelPaddingValue"].VR = "US"
     ds.PixelSpacing = [0.2, 0.2]
     ds.ImagerPixelSpacing = [0.2, 0.2]
     ds.NumberOfFrames = 1
