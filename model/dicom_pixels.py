@@ -9,11 +9,17 @@ marked as padding by Pixel Padding Value (0028,0120) and Pixel Padding Range Lim
 
 from __future__ import annotations
 
+import io
 import logging
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
@@ -79,8 +85,9 @@ def expected_pixel_bytes(ds: Dataset) -> int:
 def decode_stored_values(ds: Dataset) -> np.ndarray:
     """Return the stored values of the single frame as a 2-D integer array.
 
-    Raises PixelDataError naming the fault: missing Pixel Data, a length that disagrees
-    with Rows, Columns and Bits Allocated, or a decoder failure.
+    Inside ``reduced_decoding()`` a large image may come back at a reduced resolution
+    instead (see there). Raises PixelDataError naming the fault: missing Pixel Data, a
+    length that disagrees with Rows, Columns and Bits Allocated, or a decoder failure.
     """
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -94,6 +101,12 @@ def decode_stored_values(ds: Dataset) -> np.ndarray:
     is_native = transfer_syntax is None or not transfer_syntax.is_compressed
     if is_native:
         check_native_length(ds)
+
+    request = _REDUCED_DECODING.get()
+    if request is not None:
+        reduced = decode_reduced(ds, transfer_syntax, request)
+        if reduced is not None:
+            return reduced
 
     try:
         if transfer_syntax is None:
@@ -401,3 +414,391 @@ def display_from_stored(ds: Dataset, stored: np.ndarray) -> DisplayPixels:
     if padding is not None:
         values[padding] = 0.0
     return DisplayPixels(values.astype(np.float32, copy=False), padding, voi_source, warnings)
+
+
+# --------------------------------------------------------------------------- reduced resolution
+
+# A reduced decode keeps its longest side at least this many pixels: four times the
+# 128-pixel model input, so a breast that fills half the image still has twice the
+# output resolution.
+MIN_REDUCED_SIDE = 512
+JPEG2000_SYNTAXES = (pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000)
+NATIVE_LITTLE_ENDIAN_SYNTAXES = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
+# Output rows that area_average sums per step, which bounds its temporary arrays.
+AVERAGE_BAND_ROWS = 32
+# Bits per sample of the Pillow modes a JPEG 2000 grayscale image decodes to.
+PILLOW_MODE_BITS = {"L": 8, "I;16": 16}
+
+# JPEG 2000 codestream markers (ITU-T T.800 Table A.2).
+SOC, SIZ, COD, COC, SOT, SOD, EOC = 0xFF4F, 0xFF51, 0xFF52, 0xFF53, 0xFF90, 0xFF93, 0xFFD9
+
+
+@dataclass
+class ReducedDecoding:
+    """Request for a reduced-resolution decode, and the record of the last decode made.
+
+    ``factor`` is the number of stored pixels per decoded pixel along each axis, 1 for a
+    full decode. ``reason`` says why an image was decoded in full although a reduced
+    decode was requested; it is None when the image is too small to reduce.
+    """
+
+    min_side: int = MIN_REDUCED_SIDE
+    factor: int = 1
+    method: str = "full decode"
+    reason: str | None = None
+    source_shape: tuple[int, int] | None = None
+    decoded_shape: tuple[int, int] | None = None
+
+    @property
+    def reduced(self) -> bool:
+        return self.factor > 1
+
+    def note(self) -> str | None:
+        """One line for a result's warnings: the reduced decode, or why a full one was made."""
+        if self.reduced and self.source_shape and self.decoded_shape:
+            return (
+                f"decoded at 1/{self.factor} resolution by {self.method}: "
+                f"{self.decoded_shape[0]} x {self.decoded_shape[1]} of "
+                f"{self.source_shape[0]} x {self.source_shape[1]} pixels"
+            )
+        if self.reason:
+            return f"decoded at full resolution: {self.reason}"
+        return None
+
+    def source_box(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """Map a ``(row0, col0, row1, col1)`` box of decoded pixels to stored pixels."""
+        if not self.reduced or self.source_shape is None:
+            return box
+        rows, columns = self.source_shape
+        row0, col0, row1, col1 = (value * self.factor for value in box)
+        return (min(row0, rows), min(col0, columns), min(row1, rows), min(col1, columns))
+
+
+_REDUCED_DECODING: ContextVar[ReducedDecoding | None] = ContextVar("reduced_decoding", default=None)
+
+
+@contextmanager
+def reduced_decoding(min_side: int = MIN_REDUCED_SIDE) -> Iterator[ReducedDecoding]:
+    """Let ``decode_stored_values`` decode large images at a reduced resolution.
+
+    Inside the block the resolution is divided by the largest power of two that keeps
+    the longest side at least ``min_side``. JPEG 2000 images are decoded from the
+    wavelet's low band at that level (Pillow's ``reduce``), and native little-endian
+    images are averaged over blocks of that many pixels a side. Other images are
+    decoded in full. The yielded record describes the last decode in the block. The
+    setting belongs to the current thread (a ``ContextVar``).
+    """
+    if min_side < 1:
+        raise ValueError(f"min_side is {min_side}; expected a positive number of pixels")
+    request = ReducedDecoding(min_side=min_side)
+    token = _REDUCED_DECODING.set(request)
+    try:
+        yield request
+    finally:
+        _REDUCED_DECODING.reset(token)
+
+
+def decode_reduced(ds: Dataset, transfer_syntax: pydicom.uid.UID | None, request: ReducedDecoding) -> np.ndarray | None:
+    """Return reduced stored values and record them in ``request``, or None for a full decode."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    request.factor, request.method, request.reason = 1, "full decode", None
+    request.source_shape, request.decoded_shape = (rows, columns), None
+    if max(rows, columns) < 2 * request.min_side:
+        return None
+    if int(ds.get("SamplesPerPixel") or 1) != 1:
+        request.reason = f"Samples per Pixel is {ds.SamplesPerPixel}; reduced decoding needs 1"
+        return None
+
+    if transfer_syntax in JPEG2000_SYNTAXES:
+        stored = jpeg2000_reduced(ds, request)
+    elif transfer_syntax in NATIVE_LITTLE_ENDIAN_SYNTAXES:
+        stored = native_reduced(ds, request)
+    else:
+        syntax = transfer_syntax.name if transfer_syntax is not None else "no Transfer Syntax UID"
+        request.reason = f"no reduced decoder for {syntax}"
+        return None
+    if stored is None:
+        return None
+
+    expected = (ceil_divide(rows, request.factor), ceil_divide(columns, request.factor))
+    if stored.shape != expected:
+        request.factor, request.method = 1, "full decode"
+        request.reason = f"the reduced decode has shape {stored.shape}, expected {expected}"
+        logger.warning("Reduced decode of a %d x %d image: %s; decoding in full", rows, columns, request.reason)
+        return None
+    request.decoded_shape = expected
+    return stored
+
+
+def ceil_divide(value: int, divisor: int) -> int:
+    return -(-value // divisor)
+
+
+def reduction_factor(rows: int, columns: int, min_side: int, max_level: int | None = None) -> int:
+    """Largest power of two (at most ``2**max_level``) that keeps the longest side at least ``min_side``."""
+    level = 0
+    while max_level is None or level < max_level:
+        factor = 2 ** (level + 1)
+        if max(ceil_divide(rows, factor), ceil_divide(columns, factor)) < min_side:
+            break
+        level += 1
+    return 2**level
+
+
+# ---------------------------------------------------------------- native (uncompressed) data
+
+
+def native_reduced(ds: Dataset, request: ReducedDecoding) -> np.ndarray | None:
+    """Average native stored values over factor x factor blocks, as float32.
+
+    Each output pixel is the mean of the stored values of its block; blocks at the
+    right and bottom edge may be smaller. Bits above Bits Stored are masked off as the
+    full decode does. Signed data with fewer Bits Stored than Bits Allocated, and bit
+    depths other than 8 and 16, are left to the full decode.
+    """
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    bits_allocated = int(ds.BitsAllocated)
+    bits_stored = int(ds.get("BitsStored") or bits_allocated)
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if bits_allocated not in (8, 16):
+        request.reason = f"Bits Allocated is {bits_allocated}; reduced native decoding needs 8 or 16"
+        return None
+    if signed and bits_stored < bits_allocated:
+        request.reason = f"signed pixels with Bits Stored {bits_stored} under Bits Allocated {bits_allocated}"
+        return None
+
+    factor = reduction_factor(rows, columns, request.min_side)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
+    raw = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    mask = None
+    if not signed and bits_stored < bits_allocated and int(raw.max()) >> bits_stored:
+        mask = (1 << bits_stored) - 1
+    stored = area_average(raw, factor, mask)
+    request.factor, request.method = factor, f"averaging {factor} x {factor} blocks"
+    return stored
+
+
+def area_average(raw: np.ndarray, factor: int, mask: int | None = None) -> np.ndarray:
+    """Mean of ``raw`` over factor x factor blocks (smaller at the right and bottom edge), as float32.
+
+    The sums are made AVERAGE_BAND_ROWS output rows at a time, so no full-size
+    temporary array exists besides ``raw``. ``mask``, when given, is ANDed with the values first.
+    """
+    rows, columns = raw.shape
+    out_rows, out_columns = ceil_divide(rows, factor), ceil_divide(columns, factor)
+    whole_columns = columns // factor
+    # 16-bit values summed over up to 128 x 128 pixels fit in 32 bits.
+    accumulator = np.uint32 if raw.dtype.kind == "u" and factor <= 128 else np.int64
+    column_counts = np.full(out_columns, factor, dtype=np.float64)
+    if whole_columns < out_columns:
+        column_counts[-1] = columns - whole_columns * factor
+
+    out = np.empty((out_rows, out_columns), dtype=np.float32)
+    for start in range(0, out_rows, AVERAGE_BAND_ROWS):
+        stop = min(out_rows, start + AVERAGE_BAND_ROWS)
+        band = raw[start * factor : stop * factor]
+        if mask is not None:
+            band = band & mask
+        whole_rows = band.shape[0] // factor
+        row_sums = np.empty((stop - start, columns), dtype=accumulator)
+        row_sums[:whole_rows] = band[: whole_rows * factor].reshape(whole_rows, factor, columns).sum(axis=1, dtype=accumulator)
+        row_counts = np.full(stop - start, factor, dtype=np.float64)
+        if whole_rows < stop - start:  # the last band ends in a partial block of rows
+            row_sums[whole_rows] = band[whole_rows * factor :].sum(axis=0, dtype=accumulator)
+            row_counts[whole_rows] = band.shape[0] - whole_rows * factor
+
+        sums = np.empty((stop - start, out_columns), dtype=accumulator)
+        sums[:, :whole_columns] = row_sums[:, : whole_columns * factor].reshape(-1, whole_columns, factor).sum(axis=2)
+        if whole_columns < out_columns:
+            sums[:, whole_columns] = row_sums[:, whole_columns * factor :].sum(axis=1)
+        out[start:stop] = sums / (row_counts[:, None] * column_counts[None, :])
+    return out
+
+
+# ---------------------------------------------------------------- JPEG 2000
+
+
+@dataclass(frozen=True)
+class Jpeg2000Header:
+    """Image parameters of a JPEG 2000 codestream (component 0)."""
+
+    rows: int
+    columns: int
+    row_offset: int
+    column_offset: int
+    components: int
+    precision: int
+    signed: bool
+    # Fewest wavelet decomposition levels of any COD or COC segment, main or tile-part header.
+    decomposition_levels: int
+
+
+def read_jpeg2000_header(codestream: bytes) -> Jpeg2000Header:
+    """Read size, precision and decomposition levels from a JPEG 2000 codestream.
+
+    Follows ITU-T T.800 Annex A. SIZ gives the image size and the precision and
+    signedness of component 0. COD and COC segments of the main header and of every
+    tile-part header give decomposition levels, and the fewest is returned because a
+    reduced decode needs that level in every tile. Tile-part data is skipped by its
+    length (Psot). Raises PixelDataError for a JP2 file or a malformed header.
+    """
+    data = memoryview(codestream)
+    try:
+        if struct.unpack_from(">HH", data, 0) != (SOC, SIZ):
+            raise PixelDataError("not a JPEG 2000 codestream: it does not start with the SOC and SIZ markers")
+        (siz_length,) = struct.unpack_from(">H", data, 4)
+        columns, rows, column_offset, row_offset = struct.unpack_from(">IIII", data, 8)
+        (components,) = struct.unpack_from(">H", data, 40)
+        precision_byte = data[42]
+        component_bytes = 1 if components < 257 else 2
+
+        levels: list[int] = []
+        position = 4 + siz_length
+        position = read_coding_levels(data, position, SOT, component_bytes, levels)
+        while position + 2 <= len(data):
+            (marker,) = struct.unpack_from(">H", data, position)
+            if marker == EOC:
+                break
+            if marker != SOT:
+                raise PixelDataError(f"expected an SOT marker at byte {position} of the codestream, found 0x{marker:04X}")
+            sot_length, _tile, tile_part_length = struct.unpack_from(">HHI", data, position + 2)
+            read_coding_levels(data, position + 2 + sot_length, SOD, component_bytes, levels)
+            if tile_part_length == 0:  # the last tile-part runs to the end of the codestream
+                break
+            position += tile_part_length
+    except (struct.error, IndexError) as err:
+        raise PixelDataError(f"truncated JPEG 2000 codestream header: {err}") from err
+    if not levels:
+        raise PixelDataError("JPEG 2000 codestream has no COD segment")
+    return Jpeg2000Header(
+        rows=rows - row_offset,
+        columns=columns - column_offset,
+        row_offset=row_offset,
+        column_offset=column_offset,
+        components=components,
+        precision=(precision_byte & 0x7F) + 1,
+        signed=bool(precision_byte & 0x80),
+        decomposition_levels=min(levels),
+    )
+
+
+def read_coding_levels(data: memoryview, position: int, end_marker: int, component_bytes: int, levels: list[int]) -> int:
+    """Append the decomposition levels of COD and COC (component 0) segments up to ``end_marker``; return its position."""
+    while True:
+        marker, length = struct.unpack_from(">HH", data, position)
+        if marker == end_marker:
+            return position
+        if marker == COD:
+            # Scod, then SGcod (progression order, layers, multiple component transform), then SPcod.
+            levels.append(data[position + 9])
+        elif marker == COC:
+            component = int.from_bytes(data[position + 4 : position + 4 + component_bytes], "big")
+            if component == 0:
+                levels.append(data[position + 5 + component_bytes])
+        if length < 2:
+            raise PixelDataError(f"invalid marker segment length {length} at byte {position} of the codestream")
+        position += 2 + length
+
+
+ITEM_TAG = (0xFFFE, 0xE000)
+SEQUENCE_DELIMITER_TAG = (0xFFFE, 0xE0DD)
+
+
+def single_frame(pixel_data: bytes) -> bytes:
+    """Return the one frame of encapsulated Pixel Data: its fragments joined (PS3.5 A.4).
+
+    The first item is the Basic Offset Table and is skipped. A frame in one fragment is
+    sliced once, where pydicom's ``generate_frames`` reads it through a file object.
+    """
+    fragments = []
+    position = 0
+    first = True
+    while position + 8 <= len(pixel_data):
+        group, element, length = struct.unpack_from("<HHI", pixel_data, position)
+        if (group, element) == SEQUENCE_DELIMITER_TAG:
+            break
+        if (group, element) != ITEM_TAG:
+            raise PixelDataError(f"expected an item tag (FFFE,E000) at byte {position} of the encapsulated Pixel Data")
+        if position + 8 + length > len(pixel_data):
+            raise PixelDataError(f"the item at byte {position} of the encapsulated Pixel Data runs past its end")
+        if not first:
+            fragments.append((position + 8, length))
+        first = False
+        position += 8 + length
+    if not fragments:
+        raise PixelDataError("the encapsulated Pixel Data contains no fragment")
+    if len(fragments) == 1:
+        start, length = fragments[0]
+        return pixel_data[start : start + length]
+    return b"".join(pixel_data[start : start + length] for start, length in fragments)
+
+
+def pillow_reduced_size(length: int, level: int) -> int:
+    """Side length Pillow 13 allots to a JPEG 2000 image reduced by ``level``: rounded, not ceiled."""
+    power = 1 << level
+    return (length + (power >> 1)) // power
+
+
+def jpeg2000_level(rows: int, columns: int, min_side: int, max_level: int) -> int:
+    """Largest reduction level (at most ``max_level``) that keeps the longest side at least
+    ``min_side`` and where Pillow's size matches the size OpenJPEG decodes."""
+    level = 0
+    for candidate in range(1, max_level + 1):
+        factor = 1 << candidate
+        if max(ceil_divide(rows, factor), ceil_divide(columns, factor)) < min_side:
+            break
+        # NOTE: Pillow rounds the reduced size where OpenJPEG takes the ceiling; at a level
+        # where they differ Pillow rejects the decoded data, so that level is skipped.
+        if all(pillow_reduced_size(side, candidate) == ceil_divide(side, factor) for side in (rows, columns)):
+            level = candidate
+    return level
+
+
+def jpeg2000_reduced(ds: Dataset, request: ReducedDecoding) -> np.ndarray | None:
+    """Decode the low band of a JPEG 2000 frame at the chosen level, as stored values."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    try:
+        frame = single_frame(ds.PixelData)
+        header = read_jpeg2000_header(frame)
+    except ValueError as err:  # PixelDataError is a ValueError
+        request.reason = f"the JPEG 2000 header could not be read ({err})"
+        return None
+
+    problem = None
+    if header.components != 1:
+        problem = f"the codestream has {header.components} components"
+    elif header.signed:
+        problem = "the codestream has signed samples"
+    elif header.row_offset or header.column_offset:
+        problem = "the codestream has an image offset"
+    elif (header.rows, header.columns) != (rows, columns):
+        problem = f"the codestream is {header.rows} x {header.columns} but Rows x Columns is {rows} x {columns}"
+    elif header.precision != int(ds.get("BitsStored") or header.precision) or header.precision > 16:
+        problem = f"the codestream precision {header.precision} differs from Bits Stored {ds.get('BitsStored')}"
+    if problem is not None:
+        request.reason = problem
+        return None
+
+    level = jpeg2000_level(rows, columns, request.min_side, header.decomposition_levels)
+    if level == 0:
+        request.reason = f"the codestream has {header.decomposition_levels} decomposition levels, too few to reduce"
+        return None
+    try:
+        with Image.open(io.BytesIO(frame), formats=["JPEG2000"]) as picture:
+            picture.reduce = level
+            picture.load()
+            mode = picture.mode
+            decoded = np.asarray(picture)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        request.reason = f"the reduced JPEG 2000 decode failed ({err})"
+        logger.warning("Reduced JPEG 2000 decode of a %d x %d image failed (%s); decoding in full", rows, columns, err)
+        return None
+    if mode not in PILLOW_MODE_BITS:
+        request.reason = f"Pillow decoded the codestream to mode {mode}; expected one of {', '.join(PILLOW_MODE_BITS)}"
+        return None
+
+    # Pillow shifts samples left to fill its 8 or 16 bits; shift them back.
+    shift = PILLOW_MODE_BITS[mode] - header.precision
+    stored = (decoded >> shift if shift else decoded).astype(np.uint16)
+    request.factor, request.method = 1 << level, f"JPEG 2000 resolution level {level}"
+    return stored
