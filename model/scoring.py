@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +15,23 @@ import numpy as np
 import torch
 
 from model.checkpoint import Checkpoint, load_checkpoint
-from model.vae import error_map
+from model.vae import VAE, error_map
+
+try:
+    import onnxruntime
+except ImportError:  # NOTE: without onnxruntime the Scorer runs the model with torch only.
+    onnxruntime = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 ThresholdRule = Literal["mean", "specificity"]
 THRESHOLD_RULES: tuple[str, ...] = ("mean", "specificity")
+Backend = Literal["auto", "torch", "onnxruntime"]
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime")
+# ONNX operator set of exported models; ONNX Runtime 1.17 and later run it.
+ONNX_OPSET = 17
+ONNX_INPUT = "image"
+ONNX_OUTPUTS = ("reconstruction", "mu", "logvar")
 PERCENTILES: tuple[float, ...] = (50.0, 75.0, 90.0, 95.0, 97.5, 99.0)
 # A view/laterality group needs this many healthy calibration views before its own
 # statistics replace the overall ones.
@@ -103,14 +119,89 @@ class ViewScore:
     calibration_group: str | None
 
 
+def export_onnx(model: VAE, destination: str | Path | io.BytesIO, opset: int = ONNX_OPSET) -> None:
+    """Export ``model`` in eval mode to ONNX: input ``image`` (N, 1, H, W), outputs ``reconstruction``, ``mu``, ``logvar``.
+
+    The batch axis is dynamic. In eval mode the decoder gets the posterior mean, so the
+    exported graph is deterministic like the torch model.
+    """
+    model.eval()
+    size = model.config.input_size
+    example = torch.zeros(1, model.config.in_channels, size, size)
+    dynamic_axes = {name: {0: "batch"} for name in (ONNX_INPUT, *ONNX_OUTPUTS)}
+    with warnings.catch_warnings():
+        # NOTE: torch 2.13 marks this TorchScript-based exporter deprecated; its
+        # replacement (dynamo=True) needs the onnxscript package, which is not a dependency.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            destination,
+            input_names=[ONNX_INPUT],
+            output_names=list(ONNX_OUTPUTS),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+# ONNX models exported in this process, by checkpoint SHA-256: exporting takes about a second.
+_EXPORTED: dict[str, bytes] = {}
+
+
+def onnx_model_bytes(checkpoint: Checkpoint, model: VAE) -> bytes:
+    """Return ``model`` (built from ``checkpoint``) exported to ONNX, reusing an earlier export of the same file."""
+    key = checkpoint.sha256
+    if key is not None and key in _EXPORTED:
+        return _EXPORTED[key]
+    buffer = io.BytesIO()
+    export_onnx(model, buffer)
+    if key is not None:
+        _EXPORTED[key] = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def onnxruntime_session(model_bytes: bytes, threads: int | None) -> Any:
+    """Create an ONNX Runtime CPU session with ``threads`` intra-op threads (default 1) that do not spin.
+
+    Spinning threads wait for work at full CPU, which slows down every other process on
+    a shared machine, so spinning is turned off.
+    """
+    if onnxruntime is None:
+        raise RuntimeError("the onnxruntime package is not installed; install it or use backend='torch'")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def resolve_backend(backend: str) -> str:
+    """Return "torch" or "onnxruntime" for a requested backend; "auto" prefers ONNX Runtime when installed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {list(BACKENDS)}")
+    if backend == "auto":
+        return "onnxruntime" if onnxruntime is not None else "torch"
+    return backend
+
+
 class Scorer:
-    """Scores preprocessed views with a checkpoint's VAE, using the latent mean."""
+    """Scores preprocessed views with a checkpoint's VAE, using the latent mean.
+
+    ``backend`` "onnxruntime" runs the model exported to ONNX in memory, "torch" runs it
+    with torch, and "auto" (the default) takes ONNX Runtime when it is installed.
+    ``threads`` sets the intra-op threads of that backend; for torch this is the
+    process-wide ``torch.set_num_threads``.
+    """
 
     def __init__(
         self,
         checkpoint: Checkpoint | str | Path | None = None,
         threshold_rule: ThresholdRule | None = None,
         threads: int | None = None,
+        backend: Backend = "auto",
     ) -> None:
         if not isinstance(checkpoint, Checkpoint):
             checkpoint = load_checkpoint(checkpoint)
@@ -121,7 +212,12 @@ class Scorer:
             calibration["threshold_rule"] if calibration else "specificity"
         )
         check_threshold_rule(self.threshold_rule)
-        if threads is not None:
+        self.backend = resolve_backend(backend)
+        self.session: Any = None
+        if self.backend == "onnxruntime":
+            self.session = onnxruntime_session(onnx_model_bytes(checkpoint, self.model), threads)
+            logger.debug("Scoring with ONNX Runtime %s, %s intra-op threads", onnxruntime.__version__, threads or 1)
+        elif threads is not None:
             torch.set_num_threads(threads)
 
     @property
@@ -136,7 +232,11 @@ class Scorer:
     def reconstruct(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return reconstructions, error maps and per-image errors for ``(N, H, W)`` images."""
         batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
-        reconstruction, _, _ = self.model(batch)
+        if self.session is not None:
+            (output,) = self.session.run([ONNX_OUTPUTS[0]], {ONNX_INPUT: batch.numpy()})
+            reconstruction = torch.from_numpy(output)
+        else:
+            reconstruction, _, _ = self.model(batch)
         per_pixel, per_image = error_map(reconstruction, batch)
         return reconstruction[:, 0].numpy(), per_pixel[:, 0].numpy(), per_image.numpy().astype(np.float64)
 
