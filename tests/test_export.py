@@ -253,7 +253,13 @@ def test_build_is_deterministic(data_dir, scorer, tmp_path):
 
     assert first.relative_to(tmp_path / "a") == second.relative_to(tmp_path / "b")
     assert first.read_bytes() == second.read_bytes()
-    series_uid, sop_uid = export.secondary_capture_uids(source.SOPInstanceUID, scorer.model_version, None)
+    series_uid, sop_uid = export.secondary_capture_uids(
+        source.SOPInstanceUID,
+        scorer.model_version,
+        None,
+        study_instance_uid=source.StudyInstanceUID,
+        preprocessing_version=scorer.preprocessing_version,
+    )
     written = pydicom.dcmread(first)
     assert written.SeriesInstanceUID == series_uid
     assert written.SOPInstanceUID == sop_uid
@@ -291,6 +297,26 @@ def test_secondary_capture_uids_are_derived():
     for uid in (series_uid, sop_uid, rooted_series, rooted_sop):
         assert export.is_valid_uid(uid), uid
         assert pydicom.uid.UID(uid).is_valid, uid
+
+
+def test_secondary_capture_series_per_study():
+    study_uid = dicom_factory.derived_uid("study", "uids")
+    first_uid = dicom_factory.derived_uid("instance", "first")
+    second_uid = dicom_factory.derived_uid("instance", "second")
+
+    first_series, first_sop = export.secondary_capture_uids(
+        first_uid, "0123456789abcdef", None, study_instance_uid=study_uid
+    )
+    second_series, second_sop = export.secondary_capture_uids(
+        second_uid, "0123456789abcdef", None, study_instance_uid=study_uid
+    )
+    _, repreprocessed_sop = export.secondary_capture_uids(
+        first_uid, "0123456789abcdef", None, study_instance_uid=study_uid, preprocessing_version="other"
+    )
+
+    assert first_series == second_series
+    assert first_sop != second_sop
+    assert repreprocessed_sop != first_sop
 
 
 @pytest.mark.parametrize(

@@ -99,19 +99,32 @@ def derive_uid(uid_root: str | None, *parts: str) -> str:
 
 
 def secondary_capture_uids(
-    source_sop_instance_uid: str, model_version: str, uid_root: str | None
+    source_sop_instance_uid: str,
+    model_version: str,
+    uid_root: str | None,
+    *,
+    study_instance_uid: str | None = None,
+    preprocessing_version: str = "",
 ) -> tuple[str, str]:
     """Return ``(series_instance_uid, sop_instance_uid)`` of the Secondary Capture of a view.
 
-    Both are derived from the source SOP Instance UID, the model version and
-    RENDERING_VERSION only, so a rerun of the same model on the same image reuses them.
+    The series UID is derived from the study and the model version, so all the maps one
+    model makes for a study share one series; without ``study_instance_uid`` it is derived
+    from the source instance. The SOP Instance UID is derived from the source SOP Instance
+    UID, the model and preprocessing versions and RENDERING_VERSION, so a rerun of the same
+    model on the same image reuses it.
     """
     if not is_valid_uid(source_sop_instance_uid):
         raise ValueError(f"source SOP Instance UID {source_sop_instance_uid!r} is not a valid UID")
+    if study_instance_uid is not None and not is_valid_uid(study_instance_uid):
+        raise ValueError(f"Study Instance UID {study_instance_uid!r} is not a valid UID")
     if not model_version:
         raise ValueError("model_version is empty; pass the checkpoint's model_version")
-    series_uid = derive_uid(uid_root, "series", source_sop_instance_uid, model_version)
-    sop_uid = derive_uid(uid_root, "instance", source_sop_instance_uid, model_version)
+    if study_instance_uid is not None:
+        series_uid = derive_uid(uid_root, "study series", study_instance_uid, model_version)
+    else:
+        series_uid = derive_uid(uid_root, "series", source_sop_instance_uid, model_version)
+    sop_uid = derive_uid(uid_root, "instance", source_sop_instance_uid, model_version, preprocessing_version)
     return series_uid, sop_uid
 
 
@@ -358,7 +371,13 @@ def build_secondary_capture(
         )
 
     source_uid = str(source.SOPInstanceUID)
-    series_uid, sop_uid = secondary_capture_uids(source_uid, model_version, uid_root)
+    series_uid, sop_uid = secondary_capture_uids(
+        source_uid,
+        model_version,
+        uid_root,
+        study_instance_uid=str(source.StudyInstanceUID),
+        preprocessing_version=preprocessing_version,
+    )
     pixels = render_panels(view, score, summary_lines(view, score, model_name, model_version, preprocessing_version))
     content_date, content_time = content_date_time(source)
     orientation = patient_orientation(source, view.metadata)

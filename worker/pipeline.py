@@ -173,10 +173,12 @@ def export_view(
         if instance.conflicts_with_id is not None:
             # The UIDs derive from the source SOP Instance UID, which this instance shares
             # with another of other content, so the content hash is added to keep them apart.
-            series_uid, sop_uid = export.secondary_capture_uids(
-                instance.sop_instance_uid, f"{scorer.model_version}/{instance.sha256[:16]}", context.uid_root
+            _, sop_uid = export.secondary_capture_uids(
+                instance.sop_instance_uid,
+                f"{scorer.model_version}/{instance.sha256[:16]}",
+                context.uid_root,
+                preprocessing_version=scorer.preprocessing_version,
             )
-            sc.SeriesInstanceUID = series_uid
             sc.SOPInstanceUID = sop_uid
             sc.file_meta.MediaStorageSOPInstanceUID = sop_uid
         path = export.write_secondary_capture(sc, context.data_dir / EXPORTS_DIRNAME)
