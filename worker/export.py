@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 MANUFACTURER = "mammo-vae-worker"
 # Every Secondary Capture series of this project has this Series Number, so that it sorts
-# after the acquired series in a viewer. There is one such series per scored view.
+# after the acquired series in a viewer. There is one such series per study and model.
 SERIES_NUMBER = 9901
 INSTANCE_NUMBER = 1
 RESEARCH_NOTICE = "NOT FOR DIAGNOSTIC USE - RESEARCH SOFTWARE"
