@@ -35,7 +35,10 @@ MANUFACTURER = "mammo-vae-worker"
 # Every Secondary Capture series of this project has this Series Number, so that it sorts
 # after the acquired series in a viewer. There is one such series per study and model.
 SERIES_NUMBER = 9901
-INSTANCE_NUMBER = 1
+# Instance Number of a map within its series, in the usual hanging order of a screening
+# study; views outside it (or without laterality) come after.
+VIEW_INSTANCE_NUMBERS = {("R", "CC"): 1, ("L", "CC"): 2, ("R", "MLO"): 3, ("L", "MLO"): 4}
+OTHER_VIEW_INSTANCE_NUMBER = 5
 RESEARCH_NOTICE = "NOT FOR DIAGNOSTIC USE - RESEARCH SOFTWARE"
 RESEARCH_STATEMENT = (
     "Research software, not a medical device. Not for diagnostic use: "
@@ -393,7 +396,9 @@ def build_secondary_capture(
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
         sop_instance_uid=sop_uid,
-        instance_number=INSTANCE_NUMBER,
+        instance_number=VIEW_INSTANCE_NUMBERS.get(
+            (view.metadata.laterality, view.metadata.view_position), OTHER_VIEW_INSTANCE_NUMBER
+        ),
         manufacturer=MANUFACTURER,
         patient_orientation=("A", "F"),  # placeholder, replaced below
         laterality=view.metadata.laterality if view.metadata.laterality in ("L", "R") else None,
