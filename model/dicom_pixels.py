@@ -97,9 +97,8 @@ def decode_stored_values(ds: Dataset) -> np.ndarray:
         if ds.get(keyword) in (None, ""):
             raise PixelDataError(f"missing {keyword}, which is needed to decode Pixel Data")
 
-    transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    is_native = transfer_syntax is None or not transfer_syntax.is_compressed
-    if is_native:
+    transfer_syntax = dataset_transfer_syntax(ds)
+    if not transfer_syntax.is_compressed:
         check_native_length(ds)
 
     request = _REDUCED_DECODING.get()
@@ -109,14 +108,10 @@ def decode_stored_values(ds: Dataset) -> np.ndarray:
             return reduced
 
     try:
-        if transfer_syntax is None:
-            stored = ds.pixel_array
-        else:
-            # The decoder, unlike Dataset.pixel_array, keeps no copy on the dataset.
-            stored, _ = get_decoder(transfer_syntax).as_array(ds, index=0)
+        # The decoder, unlike Dataset.pixel_array, keeps no copy on the dataset.
+        stored, _ = get_decoder(transfer_syntax).as_array(ds, index=0)
     except Exception as err:  # pydicom and its plugins raise many exception types
-        syntax = transfer_syntax.name if transfer_syntax is not None else "unknown transfer syntax"
-        raise PixelDataError(f"failed to decode Pixel Data ({syntax}): {err}") from err
+        raise PixelDataError(f"failed to decode Pixel Data ({transfer_syntax.name}): {err}") from err
 
     expected_shape = (int(ds.Rows), int(ds.Columns))
     if stored.shape != expected_shape:
@@ -125,6 +120,30 @@ def decode_stored_values(ds: Dataset) -> np.ndarray:
             f"{expected_shape[0]} x {expected_shape[1]}"
         )
     return stored
+
+
+def dataset_transfer_syntax(ds: Dataset) -> pydicom.uid.UID:
+    """Return the Transfer Syntax UID of the file meta, else the native syntax ``ds`` was read in.
+
+    A dataset read with ``force=True`` from a file without file meta records its VR and
+    byte order in ``original_encoding``, and uncompressed Pixel Data needs nothing more.
+    Encapsulated Pixel Data without a transfer syntax names no codec, so it is rejected.
+    """
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if syntax:
+        return pydicom.uid.UID(syntax)
+    if ds["PixelData"].is_undefined_length:
+        raise PixelDataError(
+            "missing Transfer Syntax UID (0002,0010) for encapsulated Pixel Data, so its codec is unknown; "
+            "read the dataset from a file whose file meta names the transfer syntax"
+        )
+    implicit_vr, little_endian = ds.original_encoding
+    if little_endian is False:
+        return pydicom.uid.ExplicitVRBigEndian
+    # NOTE: a dataset built in memory has no original encoding; its native Pixel Data is
+    # taken to be little endian, as pydicom writes it.
+    return pydicom.uid.ImplicitVRLittleEndian if implicit_vr else pydicom.uid.ExplicitVRLittleEndian
 
 
 def check_native_length(ds: Dataset) -> None:

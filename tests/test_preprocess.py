@@ -17,6 +17,8 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.pixels.processing import apply_windowing
 from pydicom.sequence import Sequence
 from pydicom.uid import RLELossless
@@ -541,6 +543,34 @@ def test_corrupt_compressed_data_raises(film: np.ndarray) -> None:
     fragment_start = len(ds.PixelData) // 2
     ds.PixelData = ds.PixelData[:fragment_start] + b"\x00" * (len(ds.PixelData) - fragment_start)
     with pytest.raises(PreprocessingError, match="failed to decode Pixel Data"):
+        preprocess_dataset(ds)
+
+
+def without_file_meta(ds: Dataset, implicit_vr: bool) -> Dataset:
+    """Encode ``ds`` without preamble and file meta and read it back with force=True."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = implicit_vr
+    write_dataset(buffer, ds)
+    return pydicom.dcmread(io.BytesIO(buffer.getvalue()), force=True)
+
+
+@pytest.mark.parametrize("implicit_vr", [False, True])
+def test_dataset_without_file_meta_matches_twin(film: np.ndarray, implicit_vr: bool) -> None:
+    ds = mammogram(film)
+    stripped = without_file_meta(ds, implicit_vr)
+    assert "TransferSyntaxUID" not in stripped.file_meta
+
+    result = preprocess_dataset(stripped)
+
+    assert np.array_equal(result.image, preprocess_dataset(ds).image)
+
+
+def test_encapsulated_without_transfer_syntax_raises(film: np.ndarray) -> None:
+    ds = reread(mammogram(film))
+    ds.compress(RLELossless)
+    del ds.file_meta.TransferSyntaxUID
+    with pytest.raises(PreprocessingError, match="missing Transfer Syntax UID"):
         preprocess_dataset(ds)
 
 
