@@ -6,14 +6,16 @@ import io
 import logging
 import math
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from scipy import ndimage
 
+from model.breast import breast_threshold
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.vae import VAE, error_map
 
@@ -117,6 +119,9 @@ class ViewScore:
     threshold: float | None
     anomalous: bool | None
     calibration_group: str | None
+    # What the score summarises, float32 (H, W): the squared error for the error scores,
+    # the smoothed positive residual for the residual scores. None: same as error_map.
+    score_map: np.ndarray | None = None
 
 
 def export_onnx(model: VAE, destination: str | Path | io.BytesIO, opset: int = ONNX_OPSET) -> None:
@@ -212,6 +217,8 @@ class Scorer:
             calibration["threshold_rule"] if calibration else "specificity"
         )
         check_threshold_rule(self.threshold_rule)
+        self.definition = score_definition(checkpoint.score_name)
+        self.settings = ScoreSettings.from_checkpoint(checkpoint)
         self.backend = resolve_backend(backend)
         self.session: Any = None
         if self.backend == "onnxruntime":
@@ -227,6 +234,16 @@ class Scorer:
     @property
     def preprocessing_version(self) -> str:
         return self.checkpoint.preprocessing_version
+
+    @property
+    def view_size(self) -> int:
+        """Size in pixels (rows and columns) at which views must be preprocessed for this checkpoint."""
+        return self.settings.view_size(self.checkpoint.model_config.input_size)
+
+    @property
+    def pairwise(self) -> bool:
+        """True when the score compares a view with the other breast's view (see :meth:`judge_pair`)."""
+        return self.definition.pairwise
 
     @torch.no_grad()
     def reconstruct(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -246,11 +263,57 @@ class Scorer:
         lateralities: Sequence[str | None],
         view_positions: Sequence[str | None],
     ) -> list[ViewScore]:
-        reconstructions, maps, errors = self.reconstruct(images)
+        """Score views ``(N, S, S)`` preprocessed at :attr:`view_size` pixels.
+
+        For a pairwise score each ViewScore holds the per-view score, unjudged; pass two
+        of them to :meth:`judge_pair`.
+        """
+        if self.definition.name == "global_mse" and self.settings.resolution_policy == "whole":
+            reconstructions, maps, errors = self.reconstruct(images)
+            return [
+                self._judge(reconstructions[i], maps[i], float(errors[i]), lateralities[i], view_positions[i])
+                for i in range(len(errors))
+            ]
         return [
-            self._judge(reconstructions[i], maps[i], float(errors[i]), lateralities[i], view_positions[i])
-            for i in range(len(errors))
+            self._score_view(image, laterality, view_position)
+            for image, laterality, view_position in zip(images, lateralities, view_positions)
         ]
+
+    def view_maps(self, image: np.ndarray) -> ViewMaps:
+        """Reconstruction, error and residual maps of one view, as the registered scores read them."""
+        return view_maps(lambda batch: self.reconstruct(batch)[0], image, self.settings)
+
+    def score_values(self, images: np.ndarray) -> np.ndarray:
+        """Per-view scores of views ``(N, S, S)``, the values a calibration is built from."""
+        if self.definition.name == "global_mse" and self.settings.resolution_policy == "whole":
+            return self.reconstruct(images)[2]
+        return np.array(
+            [self.definition.summarize(self.view_maps(image))[0] for image in images], dtype=np.float64
+        )
+
+    def _score_view(self, image: np.ndarray, laterality: str | None, view_position: str | None) -> ViewScore:
+        maps = self.view_maps(image)
+        value, score_map = self.definition.summarize(maps)
+        if self.definition.pairwise:
+            return ViewScore(maps.reconstruction, maps.squared_error, value, None, None, None, None, score_map)
+        return self._judge(maps.reconstruction, maps.squared_error, value, laterality, view_position, score_map)
+
+    def judge_pair(
+        self,
+        own: ViewScore,
+        partner: ViewScore,
+        laterality: str | None = None,
+        view_position: str | None = None,
+    ) -> ViewScore:
+        """Judge a pairwise score: ``own`` minus ``partner``, the same view of the other breast.
+
+        Both ViewScores come from :meth:`score` with this Scorer. The result keeps
+        ``own``'s maps and carries the difference as its score.
+        """
+        if not self.definition.pairwise:
+            raise ValueError(f"score {self.definition.name!r} is judged per view; judge_pair needs a contra_ score")
+        value = pairwise_value(own.reconstruction_error, partner.reconstruction_error)
+        return self._judge(own.reconstruction, own.error_map, value, laterality, view_position, own.score_map)
 
     def score(
         self, image: np.ndarray, laterality: str | None = None, view_position: str | None = None
@@ -264,10 +327,11 @@ class Scorer:
         value: float,
         laterality: str | None,
         view_position: str | None,
+        score_map: np.ndarray | None = None,
     ) -> ViewScore:
         calibration = self.checkpoint.calibration
         if not calibration:
-            return ViewScore(reconstruction, per_pixel, value, None, None, None, None)
+            return ViewScore(reconstruction, per_pixel, value, None, None, None, None, score_map)
         group, stats = statistics_for(calibration, calibration_group(laterality, view_position))
         threshold = threshold_for(stats, self.threshold_rule)
         return ViewScore(
@@ -278,4 +342,290 @@ class Scorer:
             threshold=threshold,
             anomalous=value > threshold,
             calibration_group=group,
+            score_map=score_map,
         )
+
+
+# --------------------------------------------------------------------------- score registry
+#
+# A checkpoint's ``score_name`` picks one of SCORES, and its ``training["scoring"]``
+# entry (ScoreSettings) sets whether views are scored whole at the VAE's input size or
+# as a grid of patches of a larger view. docs/detection.md compares the scores.
+
+# Gaussian smoothing of the view before the breast threshold, in pixels of a 128-pixel
+# view; scaled with the view size.
+MASK_SIGMA_128 = 1.0
+# Smoothing of the positive residual, in pixels of a 128-pixel view and scaled with the
+# view size. The median mini-MIAS mass has a radius of 6 pixels in such a view.
+RESIDUAL_SIGMA_128 = 2.0
+RESIDUAL_PERCENTILE = 99.0
+RESOLUTION_POLICIES: tuple[str, ...] = ("whole", "patches")
+SCORING_KEY = "scoring"
+
+# Callable that returns the reconstructions (N, H, W) of views (N, H, W) with the latent mean.
+Reconstruct = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Settings that cut views for scoring, stored in a checkpoint's ``training["scoring"]``.
+
+    ``whole``: the view is preprocessed at the VAE's input size and scored at once.
+    ``patches``: the view is preprocessed at ``patch_resolution`` pixels, cut into
+    ``patch_size`` patches every ``patch_stride`` pixels where at least
+    ``min_coverage`` of the patch is breast, and the patch maps are averaged where
+    patches overlap.
+    """
+
+    resolution_policy: str = "whole"
+    patch_resolution: int = 512
+    patch_size: int = 128
+    patch_stride: int = 64
+    min_coverage: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.resolution_policy not in RESOLUTION_POLICIES:
+            raise ValueError(
+                f"resolution_policy {self.resolution_policy!r} is not one of {list(RESOLUTION_POLICIES)}"
+            )
+        if self.patch_size > self.patch_resolution:
+            raise ValueError(f"patch_size {self.patch_size} exceeds patch_resolution {self.patch_resolution}")
+        if self.patch_stride < 1:
+            raise ValueError(f"patch_stride must be at least 1 pixel, got {self.patch_stride}")
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise ValueError(f"min_coverage must lie in [0, 1], got {self.min_coverage}")
+
+    def view_size(self, input_size: int) -> int:
+        """Size in pixels at which views must be preprocessed for a VAE of ``input_size``."""
+        return self.patch_resolution if self.resolution_policy == "patches" else input_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> ScoreSettings:
+        values = dict(values or {})
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown scoring settings {unknown}; accepted keys are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint) -> ScoreSettings:
+        """Read the checkpoint's settings; a checkpoint without them scores whole views."""
+        settings = cls.from_dict(checkpoint.training.get(SCORING_KEY))
+        if settings.resolution_policy == "patches" and settings.patch_size != checkpoint.model_config.input_size:
+            raise ValueError(
+                f"checkpoint scores {settings.patch_size}-pixel patches but its VAE takes "
+                f"{checkpoint.model_config.input_size}-pixel inputs"
+            )
+        return settings
+
+
+def breast_mask(image: np.ndarray) -> np.ndarray:
+    """Boolean mask of the breast in a preprocessed view, holes filled.
+
+    The view is smoothed and thresholded between the background and the skin line with
+    ``model.breast.breast_threshold``, and the largest connected component is kept, so
+    film labels and the zero padding of the square resize fall outside. A view with no
+    pixel above the threshold gives an all-False mask.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"breast_mask expects a 2-D view, got shape {image.shape}")
+    smoothed = ndimage.gaussian_filter(image, MASK_SIGMA_128 * max(image.shape) / 128.0)
+    foreground = smoothed > breast_threshold(smoothed.ravel())
+    labels, count = ndimage.label(foreground)
+    if count == 0:
+        return np.zeros(image.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    return ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
+
+
+def coverage_map(mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """Share of breast pixels in the patch at every top-left position, shape ``(H-p+1, W-p+1)``."""
+    height, width = mask.shape
+    if patch_size > min(height, width):
+        raise ValueError(f"patch size {patch_size} exceeds the view's {height} x {width} pixels")
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    p = patch_size
+    sums = integral[p:, p:] - integral[:-p, p:] - integral[p:, :-p] + integral[:-p, :-p]
+    return sums / float(p * p)
+
+
+def grid_starts(length: int, patch_size: int, stride: int) -> np.ndarray:
+    """Start offsets every ``stride`` pixels, plus one flush with the far edge."""
+    last = length - patch_size
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return np.array(starts, dtype=np.int64)
+
+
+def patch_grid(mask: np.ndarray, patch_size: int, stride: int, min_coverage: float = 0.5) -> np.ndarray:
+    """Top-left corners ``(K, 2)`` of the grid patches that are at least ``min_coverage`` breast.
+
+    The grid covers the whole view, its last row and column flush with the edges.
+    When no patch reaches ``min_coverage`` the patch with the most breast is returned
+    alone, so every view gets a score.
+    """
+    if stride < 1:
+        raise ValueError(f"patch stride must be at least 1 pixel, got {stride}")
+    coverage = coverage_map(mask, patch_size)
+    rows = grid_starts(mask.shape[0], patch_size, stride)
+    columns = grid_starts(mask.shape[1], patch_size, stride)
+    positions = np.array([(row, column) for row in rows for column in columns], dtype=np.int64)
+    covered = coverage[positions[:, 0], positions[:, 1]]
+    kept = positions[covered >= min_coverage]
+    if len(kept) == 0:
+        kept = positions[[int(np.argmax(covered))]]
+    return kept
+
+
+def extract_patches(image: np.ndarray, positions: np.ndarray, patch_size: int) -> np.ndarray:
+    """Patches ``(K, p, p)`` of ``image`` at the top-left ``positions``."""
+    patches = np.empty((len(positions), patch_size, patch_size), dtype=np.float32)
+    for index, (row, column) in enumerate(positions):
+        patches[index] = image[row : row + patch_size, column : column + patch_size]
+    return patches
+
+
+def assemble_map(patch_maps: np.ndarray, positions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Average per-pixel patch values ``(K, p, p)`` where patches overlap; NaN where none lies."""
+    total = np.zeros(shape, dtype=np.float64)
+    count = np.zeros(shape, dtype=np.float64)
+    patch_size = patch_maps.shape[-1]
+    for values, (row, column) in zip(patch_maps, positions):
+        total[row : row + patch_size, column : column + patch_size] += values
+        count[row : row + patch_size, column : column + patch_size] += 1.0
+    result = np.full(shape, np.nan, dtype=np.float64)
+    np.divide(total, count, out=result, where=count > 0)
+    return result.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ViewMaps:
+    """Maps of one view at its preprocessed size, from which every registered score is taken."""
+
+    reconstruction: np.ndarray  # float32, the view itself where no patch was scored
+    squared_error: np.ndarray  # float32, 0 where no patch was scored
+    residual: np.ndarray  # float32, smoothed positive part of view minus reconstruction
+    mask: np.ndarray  # bool, breast pixels that were scored
+    patch_positions: np.ndarray | None = None  # (K, 2) top-left corners in patch mode
+
+
+def residual_sigma(size: int) -> float:
+    return RESIDUAL_SIGMA_128 * size / 128.0
+
+
+def view_maps(reconstruct: Reconstruct, image: np.ndarray, settings: ScoreSettings) -> ViewMaps:
+    """Reconstruct one view, whole or patch by patch, and derive its error and residual maps."""
+    image = np.asarray(image, dtype=np.float32)
+    mask = breast_mask(image)
+    if settings.resolution_policy == "whole":
+        reconstruction = np.asarray(reconstruct(image[None])[0], dtype=np.float32)
+        squared = (reconstruction - image) ** 2
+        positive = np.clip(image - reconstruction, 0.0, None)
+        positions = None
+        scored = mask
+    else:
+        if image.shape != (settings.patch_resolution, settings.patch_resolution):
+            raise ValueError(
+                f"view is {image.shape[0]} x {image.shape[1]} pixels; patch scoring expects "
+                f"{settings.patch_resolution} x {settings.patch_resolution}, so preprocess at that size"
+            )
+        positions = patch_grid(mask, settings.patch_size, settings.patch_stride, settings.min_coverage)
+        patches = extract_patches(image, positions, settings.patch_size)
+        reconstructed = np.asarray(reconstruct(patches), dtype=np.float32)
+        assembled = assemble_map(reconstructed, positions, image.shape)
+        covered = np.isfinite(assembled)
+        reconstruction = np.where(covered, assembled, image)
+        squared = np.nan_to_num(assemble_map((reconstructed - patches) ** 2, positions, image.shape))
+        positive = np.nan_to_num(assemble_map(np.clip(patches - reconstructed, 0.0, None), positions, image.shape))
+        scored = mask & covered
+    residual = ndimage.gaussian_filter(positive, residual_sigma(image.shape[0])).astype(np.float32)
+    return ViewMaps(reconstruction.astype(np.float32), squared.astype(np.float32), residual, scored, positions)
+
+
+def inside_or_all(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Values inside ``mask``, or all of them when the mask is empty."""
+    return values[mask] if mask.any() else values.ravel()
+
+
+def global_mse(maps: ViewMaps) -> tuple[float, np.ndarray]:
+    return float(maps.squared_error.mean()), maps.squared_error
+
+
+def breast_mse(maps: ViewMaps) -> tuple[float, np.ndarray]:
+    return float(inside_or_all(maps.squared_error, maps.mask).mean()), np.where(maps.mask, maps.squared_error, 0.0)
+
+
+def residual_p99(maps: ViewMaps) -> tuple[float, np.ndarray]:
+    value = float(np.percentile(inside_or_all(maps.residual, maps.mask), RESIDUAL_PERCENTILE))
+    return value, np.where(maps.mask, maps.residual, 0.0)
+
+
+def residual_max(maps: ViewMaps) -> tuple[float, np.ndarray]:
+    return float(inside_or_all(maps.residual, maps.mask).max()), np.where(maps.mask, maps.residual, 0.0)
+
+
+@dataclass(frozen=True)
+class ScoreDefinition:
+    """A registered score: the function that takes one view's value and map from its ViewMaps.
+
+    A ``pairwise`` score compares a view with the same view of the other breast: its
+    value is this view's ``base`` score minus the other view's, and only that
+    difference is calibrated.
+    """
+
+    name: str
+    summarize: Callable[[ViewMaps], tuple[float, np.ndarray]]
+    description: str
+    pairwise: bool = False
+    base: str | None = None  # name of the per-view score a pairwise score compares
+
+    @property
+    def view_score_name(self) -> str:
+        """Name of the per-view score computed for each view."""
+        return self.base or self.name
+
+
+CONTRALATERAL_PREFIX = "contra_"
+
+
+def _register(*definitions: ScoreDefinition) -> dict[str, ScoreDefinition]:
+    registry = {definition.name: definition for definition in definitions}
+    for definition in definitions:
+        if not definition.pairwise:
+            name = f"{CONTRALATERAL_PREFIX}{definition.name}"
+            registry[name] = ScoreDefinition(
+                name=name,
+                summarize=definition.summarize,
+                description=f"{definition.description}, minus the same score of the other breast's same view",
+                pairwise=True,
+                base=definition.name,
+            )
+    return registry
+
+
+SCORES: dict[str, ScoreDefinition] = _register(
+    ScoreDefinition("global_mse", global_mse, "mean squared error over the whole view"),
+    ScoreDefinition("breast_mse", breast_mse, "mean squared error over the breast"),
+    ScoreDefinition(
+        "residual_p99", residual_p99, "99th percentile over the breast of the smoothed positive residual"
+    ),
+    ScoreDefinition("residual_max", residual_max, "maximum over the breast of the smoothed positive residual"),
+)
+
+
+def score_definition(name: str) -> ScoreDefinition:
+    """Look up the registered score called ``name``; an unknown name raises ValueError."""
+    if name not in SCORES:
+        raise ValueError(f"score {name!r} is not registered; registered scores are {sorted(SCORES)}")
+    return SCORES[name]
+
+
+def pairwise_value(own: float, partner: float) -> float:
+    """Value of a pairwise score: this view's per-view score minus the other breast's."""
+    return float(own) - float(partner)
