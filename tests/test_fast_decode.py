@@ -21,6 +21,7 @@ import dicom_factory
 from model import dicom_pixels
 from model.checkpoint import default_checkpoint_path
 from model.dicom_pixels import (
+    MIN_REDUCED_SIDE,
     ReducedDecoding,
     area_average,
     decode_stored_values,
@@ -31,6 +32,7 @@ from model.dicom_pixels import (
 )
 from model.preprocess import preprocess_dataset
 from model.scoring import Scorer
+from worker import pipeline
 
 # Full-field geometry of the test study: mini-MIAS films scaled up four times.
 FULL_FIELD_SHAPE = (4096, 3328)
@@ -259,3 +261,21 @@ def test_single_frame_joins_fragments() -> None:
     codestream = bytes(range(256)) * 10
     encapsulated = encapsulate([codestream], fragments_per_frame=3)
     assert single_frame(encapsulated) == codestream
+
+
+def test_worker_records_decode_path(full_field_views: dict[str, bytes]) -> None:
+    timings: dict[str, float] = {}
+    view = pipeline.preprocess_view(read(full_field_views["jpeg2000"]), timings, MIN_REDUCED_SIDE)
+    notes = [warning for warning in view.metadata.warnings if warning.startswith("decoded at 1/8 resolution")]
+    assert notes == ["decoded at 1/8 resolution by JPEG 2000 resolution level 3: 512 x 416 of 4096 x 3328 pixels"]
+    assert view.metadata.source_shape == FULL_FIELD_SHAPE
+    row0, col0, row1, col1 = view.metadata.crop_box
+    assert row1 > 2048
+    assert col1 <= FULL_FIELD_SHAPE[1]
+    assert set(timings) == {"decode_ms", "preprocess_ms"}
+
+
+def test_worker_full_decode_option(full_field_views: dict[str, bytes]) -> None:
+    view = pipeline.preprocess_view(read(full_field_views["uncompressed"]), {}, None)
+    assert not any(warning.startswith("decoded at") for warning in view.metadata.warnings)
+    assert view.metadata.source_shape == FULL_FIELD_SHAPE
