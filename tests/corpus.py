@@ -29,6 +29,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1047,6 +1048,41 @@ class CorpusBuilder:
             ),
             file_bytes=raw_part10(meta, body[:position] + broken + body[position:]),
             header=ds,
+        )
+
+        # pydicom warns about the deliberately invalid UIDs below when it sets and writes them.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Invalid value for VR UI", category=UserWarning)
+            self.build_invalid_uids()
+
+    def build_invalid_uids(self) -> None:
+        ds = self.mammogram("refused-invalid-study-uid")
+        ds.StudyInstanceUID = f"1.2.826.0.1.3680043.{self.seed}.Study"
+        self.add(
+            "refused-invalid-study-uid",
+            "broken",
+            "Study Instance UID with letters, which a UID may not contain",
+            Expectation(
+                "refused",
+                reason=f"StudyInstanceUID '{ds.StudyInstanceUID}' is not a valid UID",
+                dimse_status=0xC210,
+                preprocess_status="scored",
+            ),
+            ds,
+        )
+        ds = self.mammogram("refused-invalid-sop-instance-uid")
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.{self.seed}.Instance"
+        self.add(
+            "refused-invalid-sop-instance-uid",
+            "broken",
+            "SOP Instance UID with letters, which a UID may not contain",
+            Expectation(
+                "refused",
+                reason=f"Affected SOP Instance UID '{ds.SOPInstanceUID}' is not a valid UID",
+                dimse_status=0xC211,
+                preprocess_status="scored",
+            ),
+            ds,
         )
 
     def build_full_field(self) -> None:
