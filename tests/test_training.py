@@ -496,11 +496,9 @@ def test_sample_writes_grid(fitted: Path, tmp_path: Path) -> None:
                "--out", str(out))
     with Image.open(out) as grid:
         assert grid.size == (3 * 128, 2 * 128)
-        first = np.asarray(grid)
-    run_module("training.sample", "--checkpoint", str(fitted / "model.pt"), "--count", "6", "--columns", "3",
-               "--out", str(out))
-    with Image.open(out) as grid:
-        np.testing.assert_array_equal(np.asarray(grid), first)
+        assert grid.mode == "L"
+        pixels = np.asarray(grid)
+    assert pixels.std() > 0, "prior samples are blank"
 
 
 def test_fit_under_torchrun(fitted: Path, small_mias: Path, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from model.preprocess import PREPROCESSING_VERSION
 from model.scoring import THRESHOLD_RULES
 from model.vae import PRESETS, VAE, VAEConfig, count_parameters, preset
 from training.cache import CachedImages, cache_key, load_or_build_cache
-from training.calibrate import calibrate, calibration_record_indices, store_calibration
+from training.calibrate import calibrate, calibration_record_indices
 from training.cli import add_data_arguments, check_threads, configure_logging, parse_views, records_from_arguments
 from training.data import DEFAULT_FRACTIONS, ImageRecord, PatientSplit, make_split, split_counts
 from training.loop import (
@@ -51,6 +51,7 @@ from training.loop import (
     epoch_seed,
     evaluate_loss,
     load_last,
+    read_checkpoint_dict,
     save_last,
     train_epoch,
     unwrap,
@@ -60,8 +61,9 @@ from training.plots import plot_loss
 
 logger = logging.getLogger(__name__)
 
-# Trains 2 epochs on the mini-MIAS training normals in well under a minute on 2 CPU cores.
-DEFAULT_PRESET = "latent16"
+# The configuration of the shipped checkpoint; 2 epochs on the mini-MIAS training
+# normals take under a minute on 2 CPU cores without other load.
+DEFAULT_PRESET = "latent4"
 HISTORY_COLUMNS = (
     "epoch",
     "train_loss",
@@ -106,11 +108,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="output folder for checkpoints, history and plots")
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-        help=f"model.vae preset (default {DEFAULT_PRESET}: 2 epochs on mini-MIAS take under a minute on 2 cores; "
-        "'seed' is the 51 M parameter reference)",
+        help=f"model.vae preset (default {DEFAULT_PRESET}, the shipped configuration: 2 epochs on mini-MIAS "
+        "take under a minute on 2 idle CPU cores; 'seed' is the 51 M parameter reference)",
     )
     parser.add_argument("--latent-size", type=int, default=None, help="override the preset's latent size")
-    parser.add_argument("--epochs", type=int, default=60, help="total epochs to train, including resumed ones (default 60)")
+    parser.add_argument("--epochs", type=int, default=30, help="total epochs to train, including resumed ones (default 30)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per optimisation step and process (default 16)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
     parser.add_argument("--beta", type=float, default=None, help="weight of the KL term (default: the preset's, 1.0)")
@@ -209,6 +211,10 @@ def prepare_data(
 
     Rank 0 preprocesses on a cache miss while the other ranks wait, then read its cache.
     """
+    if split is not None and split.data_format not in (None, args.data_format):
+        raise ValueError(
+            f"last.pt was trained on --data-format {split.data_format}, got {args.data_format}; resume with the same data"
+        )
     records = records_from_arguments(args)
     if split is None:
         fractions = {
@@ -407,13 +413,24 @@ def save_epoch(
 
 
 def finish(args: argparse.Namespace, data: PreparedData, state: ResumeState) -> None:
-    """Calibrate model.pt on the validation patients' healthy images and plot the loss."""
+    """Calibrate model.pt on the validation patients' healthy images and plot the loss.
+
+    model.pt also gets the totals of the whole run: its ``training["epochs"]`` is the
+    epoch of its weights, ``epochs_trained`` the number of epochs run.
+    """
     model_path = args.out / "model.pt"
     checkpoint = load_checkpoint(model_path)
     calibration = calibrate(
         checkpoint, data.cache, data.validation_indices, args.threshold_rule, args.specificity, args.threads
     )
-    store_calibration(model_path, calibration)
+    payload = read_checkpoint_dict(model_path)
+    payload["calibration"] = calibration
+    payload["training"].update(
+        epochs_trained=state.epoch,
+        run_training_seconds=round(state.elapsed_seconds, 1),
+        stopped_by_time_limit=state.stopped_by_time_limit,
+    )
+    write_checkpoint_dict(payload, model_path)
     write_history(state.history, args.out / "history.csv")
     plot_loss(state.history, args.out / "loss.png")
     logger.info(
@@ -451,7 +468,7 @@ def run(args: argparse.Namespace, ranks: Distributed) -> None:
         config = VAEConfig.from_dict(payload["model_config"])
         split = PatientSplit.from_dict(payload["split"])
         settings = dict(payload["training"])
-        for name in ("epochs", "best_epoch", "best_validation_loss", "training_seconds"):
+        for name in ("epochs", "best_epoch", "best_validation_loss", "training_seconds", "stopped_by_time_limit"):
             settings.pop(name, None)
         settings.update(lr=args.lr, batch_size=args.batch_size, machine=machine_summary(threads, ranks.world_size))
         logger.info("resuming from %s after epoch %d", args.out / "last.pt", resumed[1].epoch)
@@ -483,6 +500,7 @@ def run(args: argparse.Namespace, ranks: Distributed) -> None:
         for group in optimizer.param_groups:
             group["lr"] = args.lr
         state = resumed[1]
+        state.stopped_by_time_limit = False
     else:
         state = ResumeState(
             epoch=0, optimizer_state={}, best_validation_loss=math.inf, best_epoch=0, history=[], elapsed_seconds=0.0

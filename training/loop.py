@@ -123,8 +123,9 @@ def write_checkpoint_dict(payload: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        # mkstemp creates the file with mode 0600; give it the usual umask-based mode.
-        os.fchmod(handle, 0o666 & ~current_umask())
+        # mkstemp creates the file with mode 0600; 0644 lets a worker running as
+        # another user read the checkpoint.
+        os.fchmod(handle, 0o644)
         with os.fdopen(handle, "wb") as stream:
             torch.save(payload, stream)
             stream.flush()
@@ -134,12 +135,6 @@ def write_checkpoint_dict(payload: dict[str, Any], path: str | Path) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_checkpoint_dict(path: str | Path) -> dict[str, Any]:
