@@ -84,6 +84,9 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp creates the file with mode 0600; 0644 lets a worker running as
+        # another user read the checkpoint.
+        os.fchmod(handle, 0o644)
         with os.fdopen(handle, "wb") as stream:
             torch.save(checkpoint.to_dict(), stream)
             stream.flush()
