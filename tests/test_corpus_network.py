@@ -412,11 +412,13 @@ def process_memory(pid: int) -> dict[str, int]:
 # processing.workers). The growth over the idle worker is bounded by the sum of the buffers
 # that can exist at once, each 44 MiB (23 million pixels of 2 bytes). Each association holds
 # about 2.5 such copies while a dataset is received and spooled (measured with processing
-# off). Each processing thread holds the read file, the decoded stored values and the
-# float32 display image with its padding mask (5 bytes a pixel), about 4.5 copies. That is
-# 4 x 2.5 + 2 x 4.5 = 19 copies, 0.82 GiB, so 1 GiB is allowed. On a loaded 2-core machine the idle worker
-# (Python, torch, pydicom, highdicom and the tiny model) held 0.46 GiB and the peak was
-# 0.95 GiB, under the absolute bound of 1.5 GiB.
+# off). A processing thread that decodes in full holds the read file, the decoded stored
+# values and the float32 display image with its padding mask (5 bytes a pixel), about 4.5
+# copies; the pool's reduced-resolution decoding needs less. That is at most 4 x 2.5 +
+# 2 x 4.5 = 19 copies, 0.82 GiB, so 1 GiB is allowed. On a loaded 2-core machine the idle
+# worker (Python, torch, pydicom, highdicom and the tiny model) held 0.46 GiB, and the
+# peak was 0.95 GiB with full decoding and 0.89 GiB with reduced decoding, under the
+# absolute bound of 1.5 GiB.
 FULL_FIELD_GROWTH = 2**30
 FULL_FIELD_PEAK_RSS = int(1.5 * 2**30)
 
