@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, recall_score, roc_auc_score, roc_curve
 
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from model.scoring import THRESHOLD_RULES, Scorer, calibration_group, statistics_for, threshold_for
 from training.cache import CachedImages, load_or_build_cache
 from training.calibrate import score_images
@@ -241,7 +241,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_data_arguments(parser)
     parser.add_argument(
         "--out", type=Path, default=None,
-        help="folder for evaluation.json, roc.png and reconstructions.png (default: the checkpoint's folder)",
+        help="folder for evaluation.json, roc.png and reconstructions.png (default: the checkpoint's folder, "
+        "or ./evaluation-default for the shipped checkpoint)",
     )
     parser.add_argument(
         "--bootstrap", type=int, default=2000, help="patient-level bootstrap resamples for the AUROC interval (default 2000)"
@@ -267,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     records = records_from_arguments(args)
     checkpoint_dir = args.checkpoint.resolve().parent
+    if checkpoint_dir == default_checkpoint_path().resolve().parent:
+        # The shipped checkpoint lies inside the installed package: write beside the caller instead.
+        checkpoint_dir = Path("evaluation-default").resolve()
+        logger.info("writing outputs and the cache under %s", checkpoint_dir)
     cache = load_or_build_cache(
         records, args.cache_dir or checkpoint_dir / "cache", size=checkpoint.model_config.input_size, threads=threads
     )
