@@ -84,6 +84,7 @@ DIGITAL_XRAY_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 COMPUTED_RADIOGRAPHY = "1.2.840.10008.5.1.4.1.1.1"
 BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
 BREAST_PROJECTION_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.13.1.4"
+BREAST_PROJECTION_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.13.1.5"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 # Largest absolute difference between arrays that are equal up to float32 rounding.
@@ -590,6 +591,19 @@ class CorpusBuilder:
             "intent",
             "Digital X-Ray For Processing of a breast",
             Expectation("unsupported", reason=f"SOP Class UID {DIGITAL_XRAY_FOR_PROCESSING} (Digital X-Ray Image Storage - For Processing)"),
+            ds,
+        )
+        ds = self.mammogram("for-processing-breast-projection")
+        ds.SOPClassUID = BREAST_PROJECTION_FOR_PROCESSING
+        ds.PresentationIntentType = "FOR PROCESSING"
+        self.add(
+            "for-processing-breast-projection",
+            "intent",
+            "Breast Projection X-Ray For Processing",
+            Expectation(
+                "unsupported",
+                reason=f"SOP Class UID {BREAST_PROJECTION_FOR_PROCESSING} (Breast Projection X-Ray Image Storage - For Processing)",
+            ),
             ds,
         )
         ds = self.mammogram("for-processing-intent")

@@ -214,10 +214,6 @@ def test_compressed_tomosynthesis_never_decoded(processing_context: pipeline.Pro
     assert peak < size / 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker.pipeline.evaluate reads the whole spooled file, Pixel Data included, before check_scorable rejects it",
-)
 def test_uncompressed_tomosynthesis_pixel_data_not_read(processing_context: pipeline.ProcessingContext) -> None:
     """Rejecting a volume by its header should not load its Pixel Data (80 MiB here)."""
     builder = corpus.CorpusBuilder(corpus.SEED)

@@ -258,6 +258,7 @@ def test_build_is_deterministic(data_dir, scorer, tmp_path):
         scorer.model_version,
         None,
         study_instance_uid=source.StudyInstanceUID,
+        laterality=view.metadata.laterality,
         preprocessing_version=scorer.preprocessing_version,
     )
     written = pydicom.dcmread(first)
@@ -299,24 +300,29 @@ def test_secondary_capture_uids_are_derived():
         assert pydicom.uid.UID(uid).is_valid, uid
 
 
-def test_secondary_capture_series_per_study():
+def test_secondary_capture_series_per_breast():
     study_uid = dicom_factory.derived_uid("study", "uids")
-    first_uid = dicom_factory.derived_uid("instance", "first")
-    second_uid = dicom_factory.derived_uid("instance", "second")
+    cc_uid = dicom_factory.derived_uid("instance", "cc")
+    mlo_uid = dicom_factory.derived_uid("instance", "mlo")
+    other_breast_uid = dicom_factory.derived_uid("instance", "other breast")
 
-    first_series, first_sop = export.secondary_capture_uids(
-        first_uid, "0123456789abcdef", None, study_instance_uid=study_uid
+    cc_series, cc_sop = export.secondary_capture_uids(
+        cc_uid, "0123456789abcdef", None, study_instance_uid=study_uid, laterality="L"
     )
-    second_series, second_sop = export.secondary_capture_uids(
-        second_uid, "0123456789abcdef", None, study_instance_uid=study_uid
+    mlo_series, mlo_sop = export.secondary_capture_uids(
+        mlo_uid, "0123456789abcdef", None, study_instance_uid=study_uid, laterality="L"
+    )
+    other_series, _ = export.secondary_capture_uids(
+        other_breast_uid, "0123456789abcdef", None, study_instance_uid=study_uid, laterality="R"
     )
     _, repreprocessed_sop = export.secondary_capture_uids(
-        first_uid, "0123456789abcdef", None, study_instance_uid=study_uid, preprocessing_version="other"
+        cc_uid, "0123456789abcdef", None, study_instance_uid=study_uid, laterality="L", preprocessing_version="other"
     )
 
-    assert first_series == second_series
-    assert first_sop != second_sop
-    assert repreprocessed_sop != first_sop
+    assert cc_series == mlo_series
+    assert other_series != cc_series
+    assert cc_sop != mlo_sop
+    assert repreprocessed_sop != cc_sop
 
 
 @pytest.mark.parametrize(

@@ -33,10 +33,10 @@ logger = logging.getLogger(__name__)
 
 MANUFACTURER = "mammo-vae-worker"
 # Every Secondary Capture series of this project has this Series Number, so that it sorts
-# after the acquired series in a viewer. There is one such series per study and model.
+# after the acquired series in a viewer. There is one such series per study, breast and model.
 SERIES_NUMBER = 9901
-# Instance Number of a map within its series, in the usual hanging order of a screening
-# study; views outside it (or without laterality) come after.
+# Instance Number of a map, in the usual hanging order of a screening study, so the numbers
+# stay unique within each breast's series; views outside it (or without laterality) come after.
 VIEW_INSTANCE_NUMBERS = {("R", "CC"): 1, ("L", "CC"): 2, ("R", "MLO"): 3, ("L", "MLO"): 4}
 OTHER_VIEW_INSTANCE_NUMBER = 5
 RESEARCH_NOTICE = "NOT FOR DIAGNOSTIC USE - RESEARCH SOFTWARE"
@@ -107,15 +107,17 @@ def secondary_capture_uids(
     uid_root: str | None,
     *,
     study_instance_uid: str | None = None,
+    laterality: str | None = None,
     preprocessing_version: str = "",
 ) -> tuple[str, str]:
     """Return ``(series_instance_uid, sop_instance_uid)`` of the Secondary Capture of a view.
 
-    The series UID is derived from the study and the model version, so all the maps one
-    model makes for a study share one series; without ``study_instance_uid`` it is derived
-    from the source instance. The SOP Instance UID is derived from the source SOP Instance
-    UID, the model and preprocessing versions and RENDERING_VERSION, so a rerun of the same
-    model on the same image reuses it.
+    With ``study_instance_uid``, the series UID is derived from the study, the laterality
+    and the model version. All maps one model makes of one breast then share a series,
+    whose series-level Laterality holds for every instance in it. Without it, the series
+    UID is derived from the source instance. The SOP Instance UID is derived from the
+    source SOP Instance UID, the model and preprocessing versions and RENDERING_VERSION, so
+    a rerun of the same model on the same image reuses it.
     """
     if not is_valid_uid(source_sop_instance_uid):
         raise ValueError(f"source SOP Instance UID {source_sop_instance_uid!r} is not a valid UID")
@@ -124,7 +126,7 @@ def secondary_capture_uids(
     if not model_version:
         raise ValueError("model_version is empty; pass the checkpoint's model_version")
     if study_instance_uid is not None:
-        series_uid = derive_uid(uid_root, "study series", study_instance_uid, model_version)
+        series_uid = derive_uid(uid_root, "study series", study_instance_uid, laterality or "", model_version)
     else:
         series_uid = derive_uid(uid_root, "series", source_sop_instance_uid, model_version)
     sop_uid = derive_uid(uid_root, "instance", source_sop_instance_uid, model_version, preprocessing_version)
@@ -379,6 +381,7 @@ def build_secondary_capture(
         model_version,
         uid_root,
         study_instance_uid=str(source.StudyInstanceUID),
+        laterality=view.metadata.laterality,
         preprocessing_version=preprocessing_version,
     )
     pixels = render_panels(view, score, summary_lines(view, score, model_name, model_version, preprocessing_version))

@@ -123,7 +123,9 @@ def evaluate(instance: Instance, context: ProcessingContext) -> tuple[Outcome, p
     outcome = Outcome(status="failed")
     path = context.data_dir / instance.path
     try:
-        ds = pydicom.dcmread(path)
+        # Pixel Data stays on disk until preprocessing asks for it, so an object rejected by
+        # its header (a tomosynthesis volume, say) is never read whole.
+        ds = pydicom.dcmread(path, defer_size="256 KB")
     except Exception as err:  # noqa: BLE001 - any read failure makes this one instance fail
         outcome.reason = f"spooled file {instance.path} could not be read: {type(err).__name__}: {err}"
         logger.error("SOP Instance UID %s: %s", instance.sop_instance_uid, outcome.reason)

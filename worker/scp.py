@@ -13,14 +13,18 @@ import io
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pydicom
+from pydicom.filereader import read_dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom import sop_class as sop_classes
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
@@ -41,6 +45,8 @@ STORAGE_SOP_CLASSES: tuple[UID, ...] = (
     sop_classes.DigitalXRayImageStorageForProcessing,
     sop_classes.ComputedRadiographyImageStorage,
     sop_classes.BreastTomosynthesisImageStorage,
+    sop_classes.BreastProjectionXRayImageStorageForPresentation,
+    sop_classes.BreastProjectionXRayImageStorageForProcessing,
 )
 
 # Transfer syntaxes offered when their decoder is installed, in order of preference.
@@ -59,6 +65,9 @@ CANDIDATE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     pydicom.uid.JPEGExtended12Bit,
     pydicom.uid.RLELossless,
 )
+
+# Pixel Data, Float Pixel Data and Double Float Pixel Data: the header ends before them.
+PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 # DIMSE statuses of the Storage Service Class (DICOM PS3.4 table B.2-1).
 STATUS_SUCCESS = 0x0000
@@ -107,8 +116,10 @@ class StoreRequest:
     series_instance_uid: str | None
     transfer_syntax_uid: str
     calling_ae_title: str
-    dataset_bytes: bytes
-    part10_bytes: bytes
+    # Preamble, "DICM" prefix and encoded file meta; the Part 10 file is this followed by the dataset.
+    file_prefix: bytes
+    # The dataset as received, a view of pynetdicom's receive buffer rather than a copy.
+    dataset_bytes: memoryview
 
 
 class StoreRejected(Exception):
@@ -125,6 +136,7 @@ def handle_store(event: Event, context: StoreContext) -> int:
     request = event.request
     sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
     calling_ae_title = event.assoc.requestor.ae_title
+    parsed: StoreRequest | None = None
     try:
         parsed = parse_request(event, context)
         instance, duplicate = store_instance(parsed, context)
@@ -145,6 +157,11 @@ def handle_store(event: Event, context: StoreContext) -> int:
             STATUS_OUT_OF_RESOURCES,
         )
         return STATUS_OUT_OF_RESOURCES
+    finally:
+        # pynetdicom closes the receive buffer after the handler returns, which fails while
+        # a view of it is still exported.
+        if parsed is not None:
+            parsed.dataset_bytes.release()
 
     elapsed_ms = (time.perf_counter() - started) * 1000.0
     if duplicate:
@@ -161,7 +178,7 @@ def handle_store(event: Event, context: StoreContext) -> int:
         UID(parsed.sop_class_uid).name,
         UID(parsed.transfer_syntax_uid).name,
         calling_ae_title,
-        len(parsed.dataset_bytes),
+        instance.size,
         elapsed_ms,
         f"; conflicts with instance {instance.conflicts_with_id}" if instance.conflicts_with_id else "",
     )
@@ -186,13 +203,10 @@ def parse_request(event: Event, context: StoreContext) -> StoreRequest:
             f"{context.free_disk_floor_bytes // 2**20} MB (storage.free_disk_floor_mb)",
         )
 
-    dataset_bytes = event.encoded_dataset(include_meta=False)
-    part10_bytes = event.encoded_dataset(include_meta=True)
     transfer_syntax_uid = str(event.context.transfer_syntax)
+    buffer = cast(io.BytesIO, request.DataSet)
     try:
-        header = pydicom.dcmread(io.BytesIO(part10_bytes), stop_before_pixels=True)
-        for _ in header.iterall():
-            pass
+        header = read_header(buffer, UID(transfer_syntax_uid))
         dataset_sop_class = str(header.get("SOPClassUID", ""))
         dataset_sop_instance = str(header.get("SOPInstanceUID", ""))
         study_instance_uid = header.get("StudyInstanceUID")
@@ -202,6 +216,7 @@ def parse_request(event: Event, context: StoreContext) -> StoreRequest:
             STATUS_CANNOT_UNDERSTAND,
             f"dataset could not be parsed with transfer syntax {transfer_syntax_uid}: {type(err).__name__}: {err}",
         ) from err
+    file_prefix = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
 
     if dataset_sop_class != sop_class_uid:
         raise StoreRejected(
@@ -222,9 +237,36 @@ def parse_request(event: Event, context: StoreContext) -> StoreRequest:
         series_instance_uid=series_instance_uid,
         transfer_syntax_uid=transfer_syntax_uid,
         calling_ae_title=event.assoc.requestor.ae_title,
-        dataset_bytes=dataset_bytes,
-        part10_bytes=part10_bytes,
+        file_prefix=file_prefix,
+        dataset_bytes=buffer.getbuffer(),
     )
+
+
+def read_header(buffer: io.BytesIO, transfer_syntax: UID) -> pydicom.Dataset:
+    """Parse the received dataset up to its pixel data, without copying the buffer.
+
+    Deflated data must be inflated first, so only that rare syntax costs a copy.
+    """
+    buffer.seek(0)
+    if transfer_syntax.is_deflated:
+        header = pydicom.dcmread(io.BytesIO(inflate_dataset(buffer.getvalue())), force=True, stop_before_pixels=True)
+    else:
+        header = read_dataset(
+            buffer,
+            transfer_syntax.is_implicit_VR,
+            transfer_syntax.is_little_endian,
+            stop_when=lambda tag, vr, length: tag in PIXEL_DATA_TAGS,
+        )
+    # Reading every element now turns a malformed header into an error here, not in the pool.
+    for _ in header.iterall():
+        pass
+    buffer.seek(0)
+    return header
+
+
+def inflate_dataset(data: bytes) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian dataset (raw deflate, no zlib header)."""
+    return zlib.decompress(data, -zlib.MAX_WBITS)
 
 
 def optional_uid(value: object, keyword: str) -> str | None:
@@ -244,6 +286,7 @@ def store_instance(parsed: StoreRequest, context: StoreContext) -> tuple[Instanc
     same UID but other content is stored too, with ``conflicts_with_id`` naming the first.
     """
     digest = hashlib.sha256(parsed.dataset_bytes).hexdigest()
+    size = len(parsed.file_prefix) + len(parsed.dataset_bytes)
     received_at = utcnow()
     relative_path = spool.spool_relative_path(parsed.sop_instance_uid, digest, received_at)
 
@@ -254,7 +297,7 @@ def store_instance(parsed: StoreRequest, context: StoreContext) -> tuple[Instanc
                 return instance, True
 
     try:
-        spool.write_durably(context.data_dir / relative_path, (parsed.part10_bytes,))
+        spool.write_durably(context.data_dir / relative_path, (parsed.file_prefix, parsed.dataset_bytes))
     except OSError as err:
         raise StoreRejected(STATUS_OUT_OF_RESOURCES, f"writing {relative_path} failed: {err}") from err
 
@@ -277,7 +320,7 @@ def store_instance(parsed: StoreRequest, context: StoreContext) -> tuple[Instanc
             calling_ae_title=parsed.calling_ae_title,
             path=relative_path.as_posix(),
             sha256=digest,
-            size=len(parsed.part10_bytes),
+            size=size,
             state="queued",
             attempts=0,
             conflicts_with_id=earlier[0].id if earlier else None,

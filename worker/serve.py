@@ -244,9 +244,11 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
     # pydicom's warnings about invalid values quote the value, which may be a patient's
-    # name, so they are kept out of the log unless -v is given.
+    # name, and it logs at ERROR each decoder plugin that fails even when a later plugin
+    # decodes the data. A decode that fails in the end raises, and the pool logs that, so
+    # pydicom's own lines are kept out of the log unless -v is given.
     if not verbose:
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
 
