@@ -150,6 +150,13 @@ def render(config: BenchConfig, sections: list[Section], command: str, load_star
     for key, value in machine.machine_summary().items():
         lines.append(f"- {key}: {value}")
     lines.append("- software: " + ", ".join(f"{name} {version}" for name, version in machine.package_versions().items()))
+    cores = machine.usable_cores()
+    if max(load_start[0], load_end[0]) > cores:
+        lines += [
+            "",
+            f"The load average exceeded the {cores} usable cores during this run: other jobs shared the machine, "
+            "so every time here is longer, and varies more, than on an idle machine.",
+        ]
     if config.smoke:
         lines += ["", "**Smoke run: tiny inputs, one repeat. These figures say nothing about performance.**"]
     lines.append("")
