@@ -265,7 +265,7 @@ class Scorer:
     ) -> list[ViewScore]:
         """Score views ``(N, S, S)`` preprocessed at :attr:`view_size` pixels.
 
-        For a pairwise score each ViewScore holds the per-view score, unjudged; pass two
+        For a pairwise score each ViewScore contains the per-view score, unjudged. Pass two
         of them to :meth:`judge_pair`.
         """
         if self.definition.name == "global_mse" and self.settings.resolution_policy == "whole":
@@ -280,8 +280,20 @@ class Scorer:
         ]
 
     def view_maps(self, image: np.ndarray) -> ViewMaps:
-        """Reconstruction, error and residual maps of one view, as the registered scores read them."""
-        return view_maps(lambda batch: self.reconstruct(batch)[0], image, self.settings)
+        """Reconstruction, error, residual and KL maps of one view, as the registered scores read them."""
+        return view_maps(self.run_model, image, self.settings)
+
+    @torch.no_grad()
+    def run_model(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return reconstructions with the latent mean and the KL divergence of ``(N, H, W)`` inputs."""
+        batch = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
+        if self.session is not None:
+            reconstruction, mu, logvar = self.session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: batch.numpy()})
+        else:
+            mu_tensor, logvar_tensor = self.model.encode(batch)
+            reconstruction = self.model.decode(mu_tensor).numpy()
+            mu, logvar = mu_tensor.numpy(), logvar_tensor.numpy()
+        return np.asarray(reconstruction)[:, 0], kl_divergence(mu, logvar)
 
     def score_values(self, images: np.ndarray) -> np.ndarray:
         """Per-view scores of views ``(N, S, S)``, the values a calibration is built from."""
@@ -362,8 +374,9 @@ RESIDUAL_PERCENTILE = 99.0
 RESOLUTION_POLICIES: tuple[str, ...] = ("whole", "patches")
 SCORING_KEY = "scoring"
 
-# Callable that returns the reconstructions (N, H, W) of views (N, H, W) with the latent mean.
-Reconstruct = Callable[[np.ndarray], np.ndarray]
+# Callable that runs the VAE on inputs (N, H, W) with the latent mean and returns their
+# reconstructions (N, H, W) and the KL divergence of each posterior from the prior (N,).
+ModelRun = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -512,6 +525,8 @@ class ViewMaps:
     squared_error: np.ndarray  # float32, 0 where no patch was scored
     residual: np.ndarray  # float32, smoothed positive part of view minus reconstruction
     mask: np.ndarray  # bool, breast pixels that were scored
+    kl: np.ndarray  # float64 (K,), KL divergence of each input: the view, or each patch
+    kl_map: np.ndarray  # float32, each patch's KL averaged where patches overlap, 0 elsewhere
     patch_positions: np.ndarray | None = None  # (K, 2) top-left corners in patch mode
 
 
@@ -519,14 +534,24 @@ def residual_sigma(size: int) -> float:
     return RESIDUAL_SIGMA_128 * size / 128.0
 
 
-def view_maps(reconstruct: Reconstruct, image: np.ndarray, settings: ScoreSettings) -> ViewMaps:
-    """Reconstruct one view, whole or patch by patch, and derive its error and residual maps."""
+def kl_divergence(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+    """KL divergence of each diagonal Gaussian posterior ``(N, L)`` from the standard normal prior."""
+    mu = np.asarray(mu, dtype=np.float64)
+    logvar = np.asarray(logvar, dtype=np.float64)
+    return 0.5 * np.sum(mu**2 + np.exp(logvar) - 1.0 - logvar, axis=1)
+
+
+def view_maps(run: ModelRun, image: np.ndarray, settings: ScoreSettings) -> ViewMaps:
+    """Run the VAE on one view, whole or patch by patch, and derive its error, residual and KL maps."""
     image = np.asarray(image, dtype=np.float32)
     mask = breast_mask(image)
     if settings.resolution_policy == "whole":
-        reconstruction = np.asarray(reconstruct(image[None])[0], dtype=np.float32)
+        outputs, kl = run(image[None])
+        reconstruction = np.asarray(outputs[0], dtype=np.float32)
         squared = (reconstruction - image) ** 2
         positive = np.clip(image - reconstruction, 0.0, None)
+        kl = np.asarray(kl, dtype=np.float64)
+        kl_map = np.full(image.shape, float(kl[0]), dtype=np.float32)
         positions = None
         scored = mask
     else:
@@ -537,7 +562,11 @@ def view_maps(reconstruct: Reconstruct, image: np.ndarray, settings: ScoreSettin
             )
         positions = patch_grid(mask, settings.patch_size, settings.patch_stride, settings.min_coverage)
         patches = extract_patches(image, positions, settings.patch_size)
-        reconstructed = np.asarray(reconstruct(patches), dtype=np.float32)
+        outputs, kl = run(patches)
+        reconstructed = np.asarray(outputs, dtype=np.float32)
+        kl = np.asarray(kl, dtype=np.float64)
+        spread = np.broadcast_to(kl[:, None, None], patches.shape).astype(np.float32)
+        kl_map = np.nan_to_num(assemble_map(spread, positions, image.shape))
         assembled = assemble_map(reconstructed, positions, image.shape)
         covered = np.isfinite(assembled)
         reconstruction = np.where(covered, assembled, image)
@@ -545,7 +574,15 @@ def view_maps(reconstruct: Reconstruct, image: np.ndarray, settings: ScoreSettin
         positive = np.nan_to_num(assemble_map(np.clip(patches - reconstructed, 0.0, None), positions, image.shape))
         scored = mask & covered
     residual = ndimage.gaussian_filter(positive, residual_sigma(image.shape[0])).astype(np.float32)
-    return ViewMaps(reconstruction.astype(np.float32), squared.astype(np.float32), residual, scored, positions)
+    return ViewMaps(
+        reconstruction=reconstruction.astype(np.float32),
+        squared_error=squared.astype(np.float32),
+        residual=residual,
+        mask=scored,
+        kl=kl,
+        kl_map=kl_map,
+        patch_positions=positions,
+    )
 
 
 def inside_or_all(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -568,6 +605,10 @@ def residual_p99(maps: ViewMaps) -> tuple[float, np.ndarray]:
 
 def residual_max(maps: ViewMaps) -> tuple[float, np.ndarray]:
     return float(inside_or_all(maps.residual, maps.mask).max()), np.where(maps.mask, maps.residual, 0.0)
+
+
+def kl_mean(maps: ViewMaps) -> tuple[float, np.ndarray]:
+    return float(maps.kl.mean()), np.where(maps.mask, maps.kl_map, 0.0)
 
 
 @dataclass(frozen=True)
@@ -616,6 +657,9 @@ SCORES: dict[str, ScoreDefinition] = _register(
         "residual_p99", residual_p99, "99th percentile over the breast of the smoothed positive residual"
     ),
     ScoreDefinition("residual_max", residual_max, "maximum over the breast of the smoothed positive residual"),
+    ScoreDefinition(
+        "kl_mean", kl_mean, "KL divergence of the posterior from the prior, averaged over the patches (or of the view)"
+    ),
 )
 
 
