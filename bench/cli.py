@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for name in ("pynetdicom", "highdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
     load_start = machine.load_average()
     started_at = machine.now_utc()
     started = time.perf_counter()

@@ -196,6 +196,7 @@ def run(config: BenchConfig) -> Section:
         met, f"cached loop {speedup:.1f}x the plain loop with training.fit's default {default} threads", f"at least {GOAL_RATIO:g}x", shortfall
     )
     config.results["training_speedup"] = speedup
+    config.results["matmul_flop_rate"] = {threads: outcome[2] for threads, outcome in outcomes.items()}
 
     if config.checkpoint is None and not config.smoke and trained_model is not None:
         config.checkpoint = save_benchmark_checkpoint(config, trained_model, cache, len(records))
