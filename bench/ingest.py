@@ -100,7 +100,8 @@ def run(config: BenchConfig, studies: dict[str, StudyFiles], worker: dicom_peers
         "storescp runs with `+xa` (accept every transfer syntax) and writes each object to a file without "
         "fsync. storescu sends uncompressed files as they are and JPEG 2000 files with "
         "`--propose-j2k-lossless`. The worker spools each object with fsync of the file and its folder and "
-        "commits its Instance row before it sends Success (invariant 1 of the design)."
+        "commits its Instance row before it sends Success (invariant 1 of the design). Its two processing "
+        "threads start on the first views while the later ones arrive, and share the cores with receiving."
     )
     config.results["ingest_ratio"] = worst
     ingest.verdict = verdict(
