@@ -79,7 +79,12 @@ class Checkpoint:
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
-    """Write ``checkpoint`` atomically (temporary file, fsync, rename) and return its path."""
+    """Write ``checkpoint`` atomically and return its path."""
+    return save_payload(checkpoint.to_dict(), path)
+
+
+def save_payload(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write a checkpoint dictionary atomically (temporary file, fsync, rename) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -88,7 +93,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
         # another user read the checkpoint.
         os.fchmod(handle, 0o644)
         with os.fdopen(handle, "wb") as stream:
-            torch.save(checkpoint.to_dict(), stream)
+            torch.save(payload, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.checkpoint import save_payload
 from model.vae import VAE, elbo_loss
 
 RESUME_KEY = "resume"
@@ -119,22 +118,7 @@ def evaluate_loss(model: nn.Module, batches: Iterable[torch.Tensor | list[torch.
 
 def write_checkpoint_dict(payload: dict[str, Any], path: str | Path) -> Path:
     """Write a checkpoint dictionary atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp creates the file with mode 0600; 0644 lets a worker running as
-        # another user read the checkpoint.
-        os.fchmod(handle, 0o644)
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return save_payload(payload, path)
 
 
 def read_checkpoint_dict(path: str | Path) -> dict[str, Any]:
