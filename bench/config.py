@@ -62,7 +62,7 @@ class BenchConfig:
 
     @property
     def training_epochs(self) -> int:
-        return 1 if self.smoke else 2
+        return 1 if self.smoke else 3
 
     @property
     def training_preset(self) -> str:
