@@ -60,7 +60,7 @@ def wait_for_worker(port: int, process: subprocess.Popen, log: Path, timeout: fl
             raise TimeoutError(f"the worker did not listen within {timeout:.0f} s; see {log}")
         time.sleep(0.1)
     if not echo(port, WORKER_AE_TITLE):
-        raise RuntimeError(f"the worker on 127.0.0.1:{port} did not answer a C-ECHO; see {log}")
+        raise RuntimeError(f"C-ECHO to the worker on 127.0.0.1:{port} failed; see {log}")
 
 
 def echo(port: int, ae_title: str) -> bool:

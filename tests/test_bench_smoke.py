@@ -1,7 +1,7 @@
 """``python -m bench --smoke``: every benchmark runs on tiny inputs and the page is written.
 
-The smoke run takes about 40 s on a 2-core machine under a load average of 6, images
-included; the timeout only stops a hung run.
+The smoke run, images included, takes about 40 s on a 2-core machine under a load average
+of 6. The timeout only stops a hung run.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Usage::
     python -m training.export --checkpoint runs/mias/model.pt --onnx runs/mias/model.onnx
 
 The ONNX graph takes ``image`` (N, 1, 128, 128) float32 in [0, 1] with a dynamic batch
-axis and returns ``reconstruction``, ``mu`` and ``logvar``; it is the eval-mode network,
+axis and returns ``reconstruction``, ``mu`` and ``logvar``. It is the eval-mode network,
 which decodes the posterior mean. The worker builds the same graph in memory from the
 checkpoint (``model.scoring.Scorer`` with the ``onnxruntime`` backend), so the file is
 for other runtimes and for inspection.
