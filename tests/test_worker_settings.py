@@ -82,6 +82,7 @@ def test_forward_destination_enabled(tmp_path: Path) -> None:
         ('[processing]\nthreshold_rule = "median"\n', ["processing.threshold_rule", "median", "checkpoint, mean, specificity"]),
         ("[processing]\nworkers = -1\n", ["processing.workers", "-1", ">= 0"]),
         ("[processing]\nquiet_period_s = 0\n", ["processing.quiet_period_s", "0", "> 0"]),
+        ("[processing]\nreduced_decode_min_side = 100\n", ["processing.reduced_decode_min_side", "100", ">= 256"]),
         ('[export]\nuid_root = "1.2.abc."\n', ["export.uid_root", "1.2.abc.", "digits and dots"]),
         ('[forward]\nae_title = "PACS"\n', ["forward.host", "''", "host name"]),
         ("[forward]\nbackoff_initial_s = 10\nbackoff_max_s = 1\n", ["forward.backoff_max_s", "1.0", ">= forward.backoff_initial_s"]),

@@ -130,6 +130,7 @@ class Worker:
             uid_root=settings.export.uid_root,
             quiet_period_s=settings.processing.quiet_period_s,
             max_attempts=settings.processing.max_attempts,
+            decode_min_side=settings.processing.reduced_decode_min_side or None,
             destination=str(destination) if destination is not None else None,
             on_export_queued=self.forwarder.wake if self.forwarder is not None else (lambda: None),
         )

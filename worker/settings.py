@@ -78,6 +78,10 @@ class ProcessingSettings:
     shutdown_timeout_s: float = 30.0
     # Poll interval of the processing threads when no new instance wakes them.
     poll_interval_s: float = 5.0
+    # Large views are decoded at a reduced resolution whose longest side stays at least this
+    # many pixels (JPEG 2000 resolution levels, area averaging otherwise). 0 decodes every
+    # view in full, as training does, at the cost of decode time.
+    reduced_decode_min_side: int = 512
 
 
 @dataclass(frozen=True)
@@ -291,6 +295,12 @@ def check_settings(settings: Settings, sources: Mapping[str, str]) -> None:
         raise reject("processing.threshold_rule", processing.threshold_rule, f"one of {', '.join(THRESHOLD_RULES)}")
     if processing.max_attempts < 1:
         raise reject("processing.max_attempts", processing.max_attempts, "an integer >= 1")
+    if processing.reduced_decode_min_side != 0 and processing.reduced_decode_min_side < 256:
+        raise reject(
+            "processing.reduced_decode_min_side",
+            processing.reduced_decode_min_side,
+            "0 (always decode in full) or an integer >= 256",
+        )
     for name in ("quiet_period_s", "shutdown_timeout_s", "poll_interval_s"):
         check_positive(f"processing.{name}", getattr(processing, name), reject)
 
