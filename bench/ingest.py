@@ -286,8 +286,7 @@ def pynetdicom_floor(config: BenchConfig, studies: dict[str, StudyFiles]) -> Sec
         section.notes.append(
             f"The minimal SCP's worst ratio is {floor:.2f} against the worker's {worker_ratio:.2f} in section 1, "
             f"{verdict_text}. The difference between the two is the worker's own work per object in "
-            "worker/scp.py, visible in section 1a: a SHA-256 of the dataset, a second encoded copy of the "
-            "dataset (encoded_dataset is called with and without the file meta), pydicom's parsing and "
+            "worker/scp.py, visible in section 1a: a SHA-256 of the dataset, pydicom's parsing and "
             "validation of every header element (iterall), and two duplicate lookups in the database. These "
             "run in the association thread while storescu waits for the C-STORE response."
         )
