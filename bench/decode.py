@@ -11,8 +11,8 @@ import pydicom
 from bench.config import BenchConfig
 from bench.images import ENCODINGS, StudyFiles
 from bench.report import Section, median, ratio
-from model.dicom_pixels import ReducedDecoding, reduced_decoding
-from model.preprocess import PreprocessedView, preprocess_dataset
+from model.dicom_pixels import MIN_REDUCED_SIDE, ReducedDecoding, reduced_decoding
+from model.preprocess import OUTPUT_SIZE, PreprocessedView, preprocess_dataset
 from model.scoring import Scorer
 
 logger = logging.getLogger(__name__)
@@ -35,15 +35,19 @@ class DecodeRun:
         return self.decode_ms + self.preprocess_ms
 
 
-def preprocess_once(path, reduced: bool) -> DecodeRun:
-    """Read the file (untimed), then decode and preprocess it, timed by preprocess_dataset."""
+def preprocess_once(path, reduced: bool, size: int = OUTPUT_SIZE) -> DecodeRun:
+    """Read the file (untimed), then decode and preprocess it to ``size`` pixels, timed by preprocess_dataset.
+
+    The reduced decode keeps its longest side at MIN_REDUCED_SIDE pixels per 128 pixels of
+    ``size``, as the worker does.
+    """
     ds = pydicom.dcmread(path)
     timings: dict[str, float] = {}
     if not reduced:
-        view = preprocess_dataset(ds, timings=timings)
+        view = preprocess_dataset(ds, size=size, timings=timings)
         return DecodeRun(view, timings["decode_ms"], timings["preprocess_ms"])
-    with reduced_decoding() as decoding:
-        view = preprocess_dataset(ds, timings=timings)
+    with reduced_decoding(MIN_REDUCED_SIDE * size // OUTPUT_SIZE) as decoding:
+        view = preprocess_dataset(ds, size=size, timings=timings)
     return DecodeRun(view, timings["decode_ms"], timings["preprocess_ms"], decoding)
 
 
@@ -55,6 +59,7 @@ def run(config: BenchConfig, studies: dict[str, StudyFiles]) -> Section:
         "the full decode within the tolerances of tests/test_fast_decode.py.",
     )
     scorer = Scorer(config.checkpoint, backend="torch")
+    size = scorer.view_size
     timing = section.table(
         f"Per view of the study ({config.shape[0]} x {config.shape[1]}, 12 bits), medians of "
         f"{config.decode_repeats} runs each, in ms; decode is Pixel Data to stored values, preprocess the rest "
@@ -73,8 +78,8 @@ def run(config: BenchConfig, studies: dict[str, StudyFiles]) -> Section:
         for path in studies[encoding].paths[: config.timed_views]:
             view_name = path.stem.split("-")[-2]
             # A full JPEG 2000 decode takes seconds, so it is repeated once less.
-            full_runs = [preprocess_once(path, False) for _ in range(max(1, config.decode_repeats - 1))]
-            reduced_runs = [preprocess_once(path, True) for _ in range(config.decode_repeats)]
+            full_runs = [preprocess_once(path, False, size) for _ in range(max(1, config.decode_repeats - 1))]
+            reduced_runs = [preprocess_once(path, True, size) for _ in range(config.decode_repeats)]
             full, reduced = full_runs[0], reduced_runs[0]
             full_total = median(run.total_ms for run in full_runs)
             reduced_total = median(run.total_ms for run in reduced_runs)

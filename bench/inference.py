@@ -34,7 +34,6 @@ def run(config: BenchConfig) -> Section:
         f"at most {GOAL_MS:g} ms per view with the backend the worker serves with (the faster one).",
     )
     previous_threads = torch.get_num_threads()
-    batches = {batch: np.random.default_rng(0).random((batch, 128, 128), dtype=np.float32) for batch in BATCHES}
     samples: dict[tuple[str, int, int], list[float]] = {}
     try:
         scorers = {
@@ -42,6 +41,8 @@ def run(config: BenchConfig) -> Section:
             for backend in reversed(BACKENDS)
             for threads in THREADS
         }
+        size = next(iter(scorers.values())).view_size
+        batches = {batch: np.random.default_rng(0).random((batch, size, size), dtype=np.float32) for batch in BATCHES}
         # Blocks of calls per configuration, repeated in ROUNDS rounds, so that a change of
         # load on a shared machine hits every configuration. ONNX Runtime runs first in each
         # round because torch's OpenMP threads keep spinning for a while after their last call.

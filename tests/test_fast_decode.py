@@ -30,7 +30,7 @@ from model.dicom_pixels import (
     reduced_decoding,
     single_frame,
 )
-from model.preprocess import preprocess_dataset
+from model.preprocess import OUTPUT_SIZE, preprocess_dataset
 from model.scoring import Scorer
 from worker import pipeline
 
@@ -124,10 +124,23 @@ def test_reduced_view_matches_full(
     reduced_box = decoding.source_box(reduced.metadata.crop_box)
     assert max(abs(a - b) for a, b in zip(full.metadata.crop_box, reduced_box)) <= 2 * decoding.factor
 
-    full_score = scorer.score(full.image, "L", "MLO")
-    reduced_score = scorer.score(reduced.image, "L", "MLO")
-    assert full_score.z_score is not None
-    assert abs(reduced_score.z_score - full_score.z_score) <= Z_SCORE_TOLERANCE
+    # The score is compared at the checkpoint's view size, with the reduced decode's
+    # minimum side scaled to that size as the worker does.
+    size = scorer.view_size
+    full_view = preprocess_dataset(read(full_field_views[encoding]), size=size)
+    with reduced_decoding(MIN_REDUCED_SIDE * size // OUTPUT_SIZE):
+        reduced_view = preprocess_dataset(read(full_field_views[encoding]), size=size)
+    full_score = scorer.score(full_view.image, "L", "MLO")
+    reduced_score = scorer.score(reduced_view.image, "L", "MLO")
+    if scorer.pairwise:
+        # With the full decode as the other breast's view, z moves by (reduced - full) / std.
+        full_z = scorer.judge_pair(full_score, full_score, "L", "MLO").z_score
+        reduced_z = scorer.judge_pair(reduced_score, full_score, "L", "MLO").z_score
+    else:
+        full_z, reduced_z = full_score.z_score, reduced_score.z_score
+    assert full_z is not None
+    assert reduced_z is not None
+    assert abs(reduced_z - full_z) <= Z_SCORE_TOLERANCE
 
 
 def test_full_decode_outside_context(full_field_views: dict[str, bytes]) -> None:

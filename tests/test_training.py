@@ -18,10 +18,12 @@ from PIL import Image
 
 import dicom_factory
 from model.checkpoint import load_checkpoint
+from model.scoring import Scorer
 from model.preprocess import PREPROCESSING_VERSION
 from model.vae import VAE, VAEConfig
 from training import cache as cache_module
 from training.cache import load_or_build_cache
+from training.crossval import partner_indices
 from training.data import (
     MIAS_CLASSES,
     PatientSplit,
@@ -486,6 +488,81 @@ def test_evaluate_prints_json_line(fitted: Path, small_mias: Path, tmp_path: Pat
     assert set(metrics["thresholds"]) == {"mean", "specificity"}
     assert "CIRC" in metrics["per_class_auroc"]
     assert metrics["bootstrap"]["resamples"] == 200
+    for name in ("roc.png", "reconstructions.png", "evaluation.json"):
+        assert (tmp_path / name).is_file(), f"{name} missing"
+
+
+@pytest.fixture(scope="module")
+def patch_fitted(small_mias: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch of the tiny preset on two 128-pixel patches of each 512-pixel training view."""
+    out = tmp_path_factory.mktemp("patch-fit") / "run"
+    run_module(
+        "training.fit", "--data-format", "mini-mias", "--data", str(small_mias), "--out", str(out),
+        "--preset", "tiny", "--latent-size", "16", "--epochs", "1", "--batch-size", "8", "--threads", "2",
+        "--resolution-policy", "patches", "--patches-per-view", "2",
+        "--cache-dir", str(out.parent / "cache"),
+    )
+    return out
+
+
+def test_patch_fit_stores_score(patch_fitted: Path) -> None:
+    checkpoint = load_checkpoint(patch_fitted / "model.pt")
+    assert checkpoint.score_name == "contra_kl_mean"
+    assert checkpoint.model_config.input_size == 128
+    scoring = checkpoint.training["scoring"]
+    assert scoring["resolution_policy"] == "patches"
+    assert scoring["patch_resolution"] == 512
+    assert scoring["patch_stride"] == 64
+    assert checkpoint.training["patches_per_view"] == 2
+    assert checkpoint.calibration["score"] == "contra_kl_mean"
+    assert Scorer(checkpoint, backend="torch").view_size == 512
+
+
+def test_whole_fit_keeps_global_mse(fitted: Path) -> None:
+    checkpoint = load_checkpoint(fitted / "model.pt")
+    assert checkpoint.score_name == "global_mse"
+    assert checkpoint.training["scoring"]["resolution_policy"] == "whole"
+    assert Scorer(checkpoint, backend="torch").view_size == 128
+
+
+def test_patch_calibrate_on_breast_pairs(patch_fitted: Path, small_mias: Path, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes((patch_fitted / "model.pt").read_bytes())
+    run_module(
+        "training.calibrate", "--checkpoint", str(path), "--data-format", "mini-mias", "--data", str(small_mias),
+        "--subset", "all", "--cache-dir", str(patch_fitted.parent / "cache"), "--threads", "1",
+    )
+    checkpoint = load_checkpoint(path)
+    records = load_records("mini-mias", small_mias)
+    cache = load_or_build_cache(records, patch_fitted.parent / "cache", size=512, threads=1)
+    scorer = Scorer(checkpoint, backend="torch")
+    images, kept = cache.select(range(len(records)))
+    assert kept == list(range(len(records)))
+    values = scorer.score_values(images)
+    partners = partner_indices(records)
+    healthy = [index for index, record in enumerate(records) if record.healthy]
+    # Every film's other breast is among the twelve, so every healthy view is calibrated.
+    assert all(partners[index] >= 0 for index in healthy)
+    differences = np.array([values[index] - values[partners[index]] for index in healthy])
+
+    overall = checkpoint.calibration["overall"]
+    assert checkpoint.calibration["score"] == "contra_kl_mean"
+    assert overall["count"] == len(healthy)
+    assert overall["mean"] == pytest.approx(differences.mean(), rel=1e-4, abs=1e-9)
+    assert overall["std"] == pytest.approx(differences.std(ddof=1), rel=1e-4, abs=1e-9)
+
+
+def test_patch_evaluate_prints_json_line(patch_fitted: Path, small_mias: Path, tmp_path: Path) -> None:
+    result = run_module(
+        "training.evaluate", "--checkpoint", str(patch_fitted / "model.pt"), "--data-format", "mini-mias",
+        "--data", str(small_mias), "--out", str(tmp_path), "--bootstrap", "50",
+        "--cache-dir", str(patch_fitted.parent / "cache"), "--threads", "1",
+    )
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["score"] == "contra_kl_mean"
+    assert metrics["counts"]["abnormal_images"] >= 1
+    assert metrics["counts"]["healthy_images"] >= 1
+    assert 0.0 <= metrics["auroc"] <= 1.0
     for name in ("roc.png", "reconstructions.png", "evaluation.json"):
         assert (tmp_path / name).is_file(), f"{name} missing"
 

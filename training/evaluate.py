@@ -28,7 +28,7 @@ from sklearn.metrics import average_precision_score, recall_score, roc_auc_score
 from model.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from model.scoring import THRESHOLD_RULES, Scorer, calibration_group, statistics_for, threshold_for
 from training.cache import CachedImages, load_or_build_cache
-from training.calibrate import score_images
+from training.calibrate import score_records
 from training.cli import add_data_arguments, check_threads, configure_logging, records_from_arguments
 from training.data import MIAS_CLASSES, ImageRecord, PatientSplit
 from training.plots import ReconstructionRow, RocCurve, plot_reconstructions, plot_roc
@@ -45,7 +45,7 @@ class TestScores:
     records: list[ImageRecord]
     images: np.ndarray  # (N, H, W)
     groups: list[str]  # calibration group of each image, such as "L-MLO"
-    scores: np.ndarray  # (N,) reconstruction error
+    scores: np.ndarray  # (N,) the checkpoint's score
     labels: np.ndarray  # (N,) 1 abnormal, 0 healthy
 
 
@@ -56,11 +56,14 @@ def score_split(
     threads: int | None,
     split_name: str = "test",
 ) -> TestScores:
-    """Score every image of the checkpoint's patients in ``split_name``, normal and abnormal."""
+    """Score every image of the checkpoint's patients in ``split_name``, normal and abnormal.
+
+    For a pairwise score, images without the other breast's same view are left out.
+    """
     if not checkpoint.split:
         raise ValueError("the checkpoint records no patient split, so it has no held-out patients")
     split = PatientSplit.from_dict(checkpoint.split)
-    images, kept = cache.select(split.select(records, split_name))
+    images, scores, kept = score_records(checkpoint, records, cache, split.select(records, split_name), threads)
     if not kept:
         raise ValueError(
             f"none of the checkpoint's {len(getattr(split, split_name))} {split_name} patients is in --data; "
@@ -71,7 +74,7 @@ def score_split(
         records=chosen,
         images=images,
         groups=[calibration_group(*cache.view_of(index)) for index in kept],
-        scores=score_images(checkpoint, images, threads=threads),
+        scores=scores,
         labels=np.array([0 if record.healthy else 1 for record in chosen], dtype=np.int64),
     )
 
@@ -202,7 +205,10 @@ def reconstruction_rows(test: TestScores, checkpoint: Checkpoint) -> list[Recons
     chosen += [index for index in order if test.labels[index] == 1][:GRID_IMAGES_PER_LABEL]
     if not chosen:
         return []
-    reconstructions, error_maps, _ = Scorer(checkpoint).reconstruct(test.images[chosen])
+    scorer = Scorer(checkpoint)
+    maps = [scorer.view_maps(test.images[index]) for index in chosen]
+    reconstructions = [view.reconstruction for view in maps]
+    error_maps = [view.squared_error for view in maps]
     rows = []
     for position, index in enumerate(chosen):
         record = test.records[index]
@@ -272,9 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The shipped checkpoint lies inside the installed package: write beside the caller instead.
         checkpoint_dir = Path("evaluation-default").resolve()
         logger.info("writing outputs and the cache under %s", checkpoint_dir)
-    cache = load_or_build_cache(
-        records, args.cache_dir or checkpoint_dir / "cache", size=checkpoint.model_config.input_size, threads=threads
-    )
+    view_size = Scorer(checkpoint, threads=threads).view_size
+    cache = load_or_build_cache(records, args.cache_dir or checkpoint_dir / "cache", size=view_size, threads=threads)
     test = score_split(checkpoint, records, cache, threads, args.split)
     result = {"split": args.split, **summarize(test, checkpoint, args.bootstrap, args.seed)}
     if result["auroc"] is None:

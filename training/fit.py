@@ -10,6 +10,12 @@ epoch with the lowest validation loss, calibrated on the validation patients'
 healthy images) and ``last.pt`` (the last epoch plus optimizer state, for
 ``--resume``). Under torchrun every process trains on its shard of each epoch
 (gloo backend, CPU) and only rank 0 writes files.
+
+``--resolution-policy patches`` trains the VAE on random breast patches of views
+preprocessed at ``--patch-resolution`` pixels, new patches every epoch, as
+``training.crossval`` does; the validation loss is taken on a fixed draw of patches
+of the validation views. ``--score`` and the patch settings are stored in model.pt
+(``score_name`` and ``training["scoring"]``), so the worker scores as trained.
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from model.checkpoint import Checkpoint, code_version, load_checkpoint
 from model.preprocess import PREPROCESSING_VERSION
-from model.scoring import THRESHOLD_RULES
+from model.scoring import RESOLUTION_POLICIES, SCORES, SCORING_KEY, THRESHOLD_RULES, ScoreSettings
 from model.vae import PRESETS, VAE, VAEConfig, count_parameters, preset
 from training.cache import CachedImages, cache_key, load_or_build_cache
 from training.calibrate import calibrate, calibration_record_indices
 from training.cli import add_data_arguments, check_threads, configure_logging, parse_views, records_from_arguments
+from training.crossval import DEFAULT_PATCHES_PER_VIEW, PatchSampler
 from training.data import DEFAULT_FRACTIONS, ImageRecord, PatientSplit, make_split, split_counts
 from training.loop import (
     LossTotals,
@@ -64,6 +71,11 @@ logger = logging.getLogger(__name__)
 # The configuration of the shipped checkpoint; 2 epochs on the mini-MIAS training
 # normals take under a minute on 2 CPU cores without other load.
 DEFAULT_PRESET = "latent4"
+DEFAULT_WHOLE_SCORE = "global_mse"
+# The score adopted by the cross-validated comparison in docs/detection.md.
+DEFAULT_PATCH_SCORE = "contra_kl_mean"
+# Seed offset of the fixed draw of validation patches, apart from the training draws.
+VALIDATION_PATCH_SEED = 1_000_003
 HISTORY_COLUMNS = (
     "epoch",
     "train_loss",
@@ -144,19 +156,71 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--specificity", type=float, default=0.95, help="healthy quantile of the 'specificity' rule (default 0.95)"
     )
+    add_scoring_arguments(parser)
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size"):
+    if args.score is None:
+        args.score = DEFAULT_PATCH_SCORE if args.resolution_policy == "patches" else DEFAULT_WHOLE_SCORE
+    if args.patch_stride is None:
+        args.patch_stride = args.patch_size // 2
+    for name in ("epochs", "batch_size", "patches_per_view", "patch_stride"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error(f"--time-limit must be positive, got {args.time_limit}")
+    try:
+        score_settings_from_arguments(args)
+    except ValueError as error:
+        parser.error(f"invalid patch settings: {error}")
     return args
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--score", choices=sorted(SCORES), default=None,
+        help=f"score stored in model.pt and calibrated (default {DEFAULT_WHOLE_SCORE} for whole views, "
+        f"{DEFAULT_PATCH_SCORE} for patches)",
+    )
+    parser.add_argument(
+        "--resolution-policy", choices=RESOLUTION_POLICIES, default="whole",
+        help="'whole' (default): train and score views at the preset's input size; 'patches': train on "
+        "random breast patches of views preprocessed at --patch-resolution, score them patch by patch",
+    )
+    parser.add_argument(
+        "--patch-resolution", type=int, default=512, help="view size in pixels for patches (default 512)"
+    )
+    parser.add_argument(
+        "--patch-size", type=int, default=128, help="patch size in pixels, which sets the VAE's input size (default 128)"
+    )
+    parser.add_argument(
+        "--patch-stride", type=int, default=None, help="grid stride in pixels of scored patches (default: half the patch size)"
+    )
+    parser.add_argument(
+        "--min-coverage", type=float, default=0.5, help="minimum share of breast pixels in a patch (default 0.5)"
+    )
+    parser.add_argument(
+        "--patches-per-view", type=int, default=DEFAULT_PATCHES_PER_VIEW,
+        help=f"random training patches per view and epoch (default {DEFAULT_PATCHES_PER_VIEW})",
+    )
+
+
+def score_settings_from_arguments(args: argparse.Namespace) -> ScoreSettings:
+    if args.resolution_policy == "whole":
+        return ScoreSettings(resolution_policy="whole")
+    return ScoreSettings(
+        resolution_policy="patches",
+        patch_resolution=args.patch_resolution,
+        patch_size=args.patch_size,
+        patch_stride=args.patch_stride,
+        min_coverage=args.min_coverage,
+    )
 
 
 def model_config_from_arguments(args: argparse.Namespace) -> VAEConfig:
     overrides: dict[str, Any] = {}
+    if args.resolution_policy == "patches":
+        overrides["input_size"] = args.patch_size
     if args.latent_size is not None:
         overrides["latent_size"] = args.latent_size
     if args.beta is not None:
@@ -282,6 +346,43 @@ def make_loaders(
     return train_loader, sampler, validation_loader
 
 
+def is_patch_training(settings: dict[str, Any]) -> bool:
+    return ScoreSettings.from_dict(settings.get(SCORING_KEY)).resolution_policy == "patches"
+
+
+@dataclass
+class PatchTraining:
+    """Random breast patches of the training views, drawn anew each epoch, and fixed validation patches.
+
+    Each epoch's draw depends only on the seed and the epoch, so a resumed run draws
+    the same patches as an uninterrupted one. Patch training runs in one process.
+    """
+
+    sampler: PatchSampler
+    patches_per_view: int
+    batch_size: int
+    seed: int
+    validation_loader: DataLoader
+
+    @classmethod
+    def create(cls, data: PreparedData, settings: dict[str, Any], batch_size: int) -> PatchTraining:
+        scoring = ScoreSettings.from_dict(settings[SCORING_KEY])
+        per_view = int(settings["patches_per_view"])
+        seed = int(settings["seed"])
+        validation_rng = np.random.default_rng(seed + VALIDATION_PATCH_SEED)
+        validation = PatchSampler(data.validation_images, scoring).draw(per_view, validation_rng)
+        validation_tensor = torch.from_numpy(np.ascontiguousarray(validation, dtype=np.float32)).unsqueeze(1)
+        validation_loader = DataLoader(TensorDataset(validation_tensor), batch_size=batch_size * 2)
+        return cls(PatchSampler(data.train_images, scoring), per_view, batch_size, seed, validation_loader)
+
+    def loader(self, epoch: int) -> DataLoader:
+        rng = np.random.default_rng(epoch_seed(self.seed, epoch, 0))
+        patches = self.sampler.draw(self.patches_per_view, rng)
+        tensor = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).unsqueeze(1)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, 0))
+        return DataLoader(TensorDataset(tensor), batch_size=self.batch_size, shuffle=True, generator=generator)
+
+
 def history_row(epoch: int, train: LossTotals, validation: LossTotals, seconds: float) -> dict[str, float]:
     train_means, validation_means = train.means(), validation.means()
     return {
@@ -318,6 +419,7 @@ def checkpoint_payload(
         split=data.split.to_dict(),
         training=training,
         code_version=code_version(),
+        score_name=training.get("score", DEFAULT_WHOLE_SCORE),
     )
     return checkpoint.to_dict()
 
@@ -332,7 +434,11 @@ def train(
     ranks: Distributed,
 ) -> ResumeState:
     """Run the remaining epochs; rank 0 writes last.pt every epoch and model.pt on improvement."""
-    train_loader, sampler, validation_loader = make_loaders(data, args.batch_size, settings["seed"], ranks)
+    patches = PatchTraining.create(data, settings, args.batch_size) if is_patch_training(settings) else None
+    if patches is not None:
+        train_loader, validation_loader = patches.loader(epoch=state.epoch + 1), patches.validation_loader
+    else:
+        train_loader, sampler, validation_loader = make_loaders(data, args.batch_size, settings["seed"], ranks)
     remaining = args.epochs - state.epoch
     progress = tqdm(
         total=remaining * len(train_loader), desc="training", unit="batch", disable=None if ranks.is_main else True
@@ -340,7 +446,10 @@ def train(
     with progress, logging_redirect_tqdm():
         for epoch in range(state.epoch + 1, args.epochs + 1):
             started = time.perf_counter()
-            sampler.set_epoch(epoch)
+            if patches is not None:
+                train_loader = patches.loader(epoch)
+            else:
+                sampler.set_epoch(epoch)
             torch.manual_seed(epoch_seed(settings["seed"], epoch, ranks.rank))
             train_totals = train_epoch(model, train_loader, optimizer, progress).all_reduce()
             validation_totals = evaluate_loss(unwrap(model), validation_loader).all_reduce()
@@ -421,7 +530,13 @@ def finish(args: argparse.Namespace, data: PreparedData, state: ResumeState) -> 
     model_path = args.out / "model.pt"
     checkpoint = load_checkpoint(model_path)
     calibration = calibrate(
-        checkpoint, data.cache, data.validation_indices, args.threshold_rule, args.specificity, args.threads
+        checkpoint,
+        data.cache,
+        data.validation_indices,
+        args.threshold_rule,
+        args.specificity,
+        args.threads,
+        records=data.records,
     )
     payload = read_checkpoint_dict(model_path)
     payload["calibration"] = calibration
@@ -483,11 +598,18 @@ def run(args: argparse.Namespace, ranks: Distributed) -> None:
             "optimizer": "Adam",
             "threshold_rule": args.threshold_rule,
             "specificity": args.specificity,
+            "score": args.score,
+            SCORING_KEY: score_settings_from_arguments(args).to_dict(),
             "git_commit": git_commit(),
             "machine": machine_summary(threads, ranks.world_size),
         }
 
-    data = prepare_data(args, split, cache_dir, config.input_size, ranks)
+    if args.resolution_policy == "patches" and resumed is None:
+        settings["patches_per_view"] = args.patches_per_view
+    if is_patch_training(settings) and ranks.world_size > 1:
+        raise ValueError("patch training runs in one process; start it without torchrun")
+    view_size = ScoreSettings.from_dict(settings.get(SCORING_KEY)).view_size(config.input_size)
+    data = prepare_data(args, split, cache_dir, view_size, ranks)
     if ranks.is_main:
         data.split.write_json(args.out / "split.json", data.records)
 

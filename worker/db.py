@@ -16,6 +16,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -69,7 +71,13 @@ class ViewResult(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     warnings: Mapped[str | None] = mapped_column(Text)  # newline-separated
+    # The value of the checkpoint's score for this view alone. For a pairwise (contra_)
+    # score it is the per-view score, and z_score, threshold and anomalous judge the
+    # difference to the other breast's same view once that view is scored.
     reconstruction_error: Mapped[float | None] = mapped_column(Float)
+    # Mean squared error over the whole view, whatever the checkpoint's score.
+    global_error: Mapped[float | None] = mapped_column(Float)
+    score_name: Mapped[str | None] = mapped_column(String(64))
     z_score: Mapped[float | None] = mapped_column(Float)
     threshold: Mapped[float | None] = mapped_column(Float)
     anomalous: Mapped[bool | None] = mapped_column(Boolean)
@@ -140,4 +148,20 @@ def open_database(path: str | Path) -> tuple[Engine, sessionmaker]:
     engine = create_engine(f"sqlite:///{path}", future=True)
     event.listen(engine, "connect", _configure_sqlite)
     Base.metadata.create_all(engine)
+    add_missing_columns(engine)
     return engine, sessionmaker(engine, expire_on_commit=False)
+
+
+# Nullable columns added after the first release, so a database written before them gains
+# them with ALTER TABLE (create_all adds missing tables only).
+ADDED_COLUMNS = {"view_results": {"global_error": "FLOAT", "score_name": "VARCHAR(64)"}}
+
+
+def add_missing_columns(engine: Engine) -> None:
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table, columns in ADDED_COLUMNS.items():
+            present = {column["name"] for column in inspector.get_columns(table)}
+            for name, sql_type in columns.items():
+                if name not in present:
+                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))

@@ -9,6 +9,7 @@ project, highdicom and Pillow (whose font rendering is burned into the pixels) s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -48,6 +49,9 @@ RESEARCH_STATEMENT = (
 # part of the UID entropy, so a new layout gets new UIDs instead of reusing the old ones.
 RENDERING_VERSION = "sc-1"
 
+# Side in pixels of each panel before upscaling; views preprocessed larger (for patch
+# scoring) are shown averaged down to this size.
+DISPLAY_SIZE = 128
 PANEL_SCALE = 3  # nearest-neighbour upscaling of each 128x128 panel
 MARGIN = 8  # pixels around and between the panels
 LABEL_HEIGHT = 26
@@ -150,6 +154,37 @@ def difference_image(score: ViewScore) -> np.ndarray:
     return np.sqrt(np.maximum(score.error_map, 0.0)) * DIFFERENCE_GAIN
 
 
+def score_map_image(score_map: np.ndarray) -> np.ndarray:
+    """Scale the score's own map so that its maximum is white; an all-zero map stays black."""
+    peak = float(np.max(score_map)) if score_map.size else 0.0
+    if peak <= 0.0 or not math.isfinite(peak):
+        return np.zeros_like(score_map, dtype=np.float32)
+    return np.clip(score_map / peak, 0.0, 1.0).astype(np.float32)
+
+
+def downscale(image: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
+    """Average a square float image down to ``size`` x ``size`` pixels (PIL box filter)."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.shape == (size, size):
+        return image
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.Resampling.BOX)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def display_inputs(view: PreprocessedView, score: ViewScore) -> tuple[PreprocessedView, ViewScore]:
+    """Average the view, reconstruction and maps down to DISPLAY_SIZE pixels for the panels."""
+    if np.shape(view.image) == (DISPLAY_SIZE, DISPLAY_SIZE):
+        return view, score
+    score_map = None if score.score_map is None else downscale(score.score_map)
+    display_score = dataclasses.replace(
+        score,
+        reconstruction=downscale(score.reconstruction),
+        error_map=downscale(score.error_map),
+        score_map=score_map,
+    )
+    return PreprocessedView(downscale(view.image), view.metadata), display_score
+
+
 def panel_origins(panel_size: int) -> list[tuple[int, int]]:
     """(row, column) of the top-left pixel of each of the three upscaled panels."""
     top = MARGIN + LABEL_HEIGHT
@@ -163,10 +198,11 @@ def text_strip_top(panel_size: int) -> int:
 
 def render_panels(view: PreprocessedView, score: ViewScore, text_lines: list[str]) -> np.ndarray:
     """Draw the three panels, their labels and ``text_lines`` into one uint8 greyscale image."""
+    third = difference_image(score) if score.score_map is None else score_map_image(score.score_map)
     panels = [
         upscale(to_uint8(view.image)),
         upscale(to_uint8(score.reconstruction)),
-        upscale(to_uint8(difference_image(score))),
+        upscale(to_uint8(third)),
     ]
     panel_size = panels[0].shape[0]
     width = 3 * panel_size + 4 * MARGIN
@@ -182,7 +218,11 @@ def render_panels(view: PreprocessedView, score: ViewScore, text_lines: list[str
     labels = [
         "Preprocessed view",
         "VAE reconstruction",
-        f"|view - reconstruction| x{DIFFERENCE_GAIN:g} (white >= {1 / DIFFERENCE_GAIN:g})",
+        (
+            f"|view - reconstruction| x{DIFFERENCE_GAIN:g} (white >= {1 / DIFFERENCE_GAIN:g})"
+            if score.score_map is None
+            else "Score map (white = its maximum)"
+        ),
     ]
     for (_, column), label in zip(panel_origins(panel_size), labels):
         draw.text((column, MARGIN), label, fill=255, font=font)
@@ -199,7 +239,9 @@ def format_float(value: float | None, spec: str) -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def threshold_verdict(score: ViewScore) -> str:
+def threshold_verdict(score: ViewScore, pairwise_score: str | None = None) -> str:
+    if pairwise_score is not None and score.anomalous is None:
+        return f"{pairwise_score} is judged with the other breast's same view (see the results database)"
     if score.anomalous is None or score.threshold is None:
         return "no threshold (model has no calibration)"
     return "ABOVE THRESHOLD" if score.anomalous else "below threshold"
@@ -213,29 +255,38 @@ def describe_view(view: PreprocessedView) -> str:
 
 
 def summary_lines(
-    view: PreprocessedView, score: ViewScore, model_name: str, model_version: str, preprocessing_version: str
+    view: PreprocessedView,
+    score: ViewScore,
+    model_name: str,
+    model_version: str,
+    preprocessing_version: str,
+    pairwise_score: str | None = None,
 ) -> list[str]:
     """Text burned into the image below the panels."""
+    value_label = "Reconstruction error" if pairwise_score is None else "Per-view score"
     return [
         RESEARCH_NOTICE,
         f"Model {model_name} {model_version}, preprocessing {preprocessing_version}",
         f"View: {describe_view(view)}",
-        f"z-score {format_float(score.z_score, '+.2f')}: {threshold_verdict(score)}",
+        f"z-score {format_float(score.z_score, '+.2f')}: {threshold_verdict(score, pairwise_score)}",
         (
-            f"Reconstruction error {format_float(score.reconstruction_error, '.4g')}, "
+            f"{value_label} {format_float(score.reconstruction_error, '.4g')}, "
             f"threshold {format_float(score.threshold, '.4g')} "
             f"(calibration group {score.calibration_group or 'n/a'})"
         ),
     ]
 
 
-def image_comments(view: PreprocessedView, score: ViewScore, source_sop_instance_uid: str) -> str:
+def image_comments(
+    view: PreprocessedView, score: ViewScore, source_sop_instance_uid: str, pairwise_score: str | None = None
+) -> str:
     warnings = "; ".join(view.metadata.warnings) or "none"
+    value_label = "reconstruction error" if pairwise_score is None else "per-view score"
     text = (
         f"{RESEARCH_STATEMENT} VAE anomaly score of SOP Instance {source_sop_instance_uid}: "
-        f"reconstruction error {format_float(score.reconstruction_error, '.6g')}, "
+        f"{value_label} {format_float(score.reconstruction_error, '.6g')}, "
         f"z-score {format_float(score.z_score, '.4f')}, "
-        f"threshold {format_float(score.threshold, '.6g')}, {threshold_verdict(score)}, "
+        f"threshold {format_float(score.threshold, '.6g')}, {threshold_verdict(score, pairwise_score)}, "
         f"calibration group {score.calibration_group or 'n/a'}. "
         f"View: {describe_view(view)}. Preprocessing warnings: {warnings}."
     )
@@ -261,14 +312,13 @@ def check_inputs(source: Dataset, view: PreprocessedView, score: ViewScore) -> N
     image = np.asarray(view.image)
     if image.ndim != 2:
         raise ValueError(f"view.image must be a 2-D array, got shape {image.shape}")
-    for name, array in (("score.reconstruction", score.reconstruction), ("score.error_map", score.error_map)):
+    arrays = [("score.reconstruction", score.reconstruction), ("score.error_map", score.error_map)]
+    if score.score_map is not None:
+        arrays.append(("score.score_map", score.score_map))
+    for name, array in arrays:
         if np.shape(array) != image.shape:
             raise ValueError(f"{name} has shape {np.shape(array)}; expected {image.shape} like view.image")
-    for name, array in (
-        ("view.image", image),
-        ("score.reconstruction", score.reconstruction),
-        ("score.error_map", score.error_map),
-    ):
+    for name, array in [("view.image", image), *arrays]:
         if not np.all(np.isfinite(array)):
             raise ValueError(f"{name} contains NaN or infinite values")
 
@@ -353,16 +403,23 @@ def build_secondary_capture(
     model_name: str,
     preprocessing_version: str,
     uid_root: str | None = None,
+    pairwise_score: str | None = None,
 ) -> pydicom.Dataset:
     """Build the Secondary Capture of one scored view, in the source's study.
 
-    The pixels show the view, its reconstruction and the difference side by side, with the
-    research notice, model, z-score and verdict burned in below. Patient and study
+    The pixels show the view, its reconstruction and the difference (or the score's own
+    map, when ``score.score_map`` is set) side by side at DISPLAY_SIZE pixels each, with the
+    research notice, model, z-score and verdict burned in below. ``pairwise_score`` names
+    a contra_ score, which is judged only when the other breast's view is scored.
+
+    NOTE: a pairwise view's Secondary Capture is written when the view is scored, so it
+    shows the per-view score. Its z-score and verdict are in the results database only. Patient and study
     attributes are copied from ``source`` with its Specific Character Set. Content Date and
     Time come from the source (see ``content_date_time``), and attributes that highdicom
     takes from the clock are removed, so the same inputs give a byte-identical file.
     """
     check_inputs(source, view, score)
+    view, score = display_inputs(view, score)
     for name, value in (
         ("model_name", model_name),
         ("model_version", model_version),
@@ -384,7 +441,8 @@ def build_secondary_capture(
         laterality=view.metadata.laterality,
         preprocessing_version=preprocessing_version,
     )
-    pixels = render_panels(view, score, summary_lines(view, score, model_name, model_version, preprocessing_version))
+    lines = summary_lines(view, score, model_name, model_version, preprocessing_version, pairwise_score)
+    pixels = render_panels(view, score, lines)
     content_date, content_time = content_date_time(source)
     orientation = patient_orientation(source, view.metadata)
 
@@ -441,7 +499,7 @@ def build_secondary_capture(
         f"its reconstruction by the VAE {model_name} {model_version}, and "
         f"|view - reconstruction| x{DIFFERENCE_GAIN:g}. {RESEARCH_STATEMENT}"
     )
-    sc.ImageComments = image_comments(view, score, source_uid)
+    sc.ImageComments = image_comments(view, score, source_uid, pairwise_score)
 
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID

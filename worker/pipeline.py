@@ -3,7 +3,9 @@
 Threads of the pool claim queued Instance rows (queued -> processing), read the spooled
 file, check and preprocess it with ``model.preprocess``, score it with ``model.scoring``,
 write the Secondary Capture of a scored view, and commit the ViewResult, the study
-summary and the export job together with the instance's ``done`` state.
+summary and the export job together with the instance's ``done`` state. Views are
+preprocessed at the scorer's ``view_size`` (512 pixels for a patch checkpoint). For a
+pairwise score, ``worker.pairs`` judges a view once the other breast's same view is scored.
 """
 
 from __future__ import annotations
@@ -18,14 +20,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.dicom_pixels import MIN_REDUCED_SIDE, reduced_decoding
-from model.preprocess import PreprocessedView, PreprocessingError, UnsupportedView, check_scorable, preprocess_dataset
+from model.preprocess import (
+    OUTPUT_SIZE,
+    PreprocessedView,
+    PreprocessingError,
+    UnsupportedView,
+    check_scorable,
+    preprocess_dataset,
+)
 from model.scoring import Scorer, ViewScore
-from worker import export, forward, studies
+from worker import export, forward, pairs, studies
 from worker.db import Instance, Study, ViewResult, utcnow
 
 
@@ -53,8 +63,15 @@ class ProcessingContext:
     # Called after export jobs were committed, to wake the forwarder.
     on_export_queued: Callable[[], None] = lambda: None
     # Longest side, in pixels, of a reduced-resolution decode of a large view
-    # (model.dicom_pixels.reduced_decoding); None decodes every view in full.
+    # (model.dicom_pixels.reduced_decoding) for 128-pixel views, scaled with the scorer's
+    # view size; None decodes every view in full.
     decode_min_side: int | None = MIN_REDUCED_SIDE
+
+    @property
+    def scaled_decode_min_side(self) -> int | None:
+        if self.decode_min_side is None:
+            return None
+        return -(-self.decode_min_side * self.scorer.view_size // OUTPUT_SIZE)
 
     @property
     def model_name(self) -> str:
@@ -134,7 +151,7 @@ def evaluate(instance: Instance, context: ProcessingContext) -> tuple[Outcome, p
 
     try:
         check_scorable(ds)
-        view = preprocess_view(ds, outcome.timings, context.decode_min_side)
+        view = preprocess_view(ds, outcome.timings, context.scaled_decode_min_side, context.scorer.view_size)
     except UnsupportedView as err:
         outcome.status, outcome.reason = "unsupported", str(err)
         return outcome, ds, None
@@ -164,17 +181,19 @@ def evaluate(instance: Instance, context: ProcessingContext) -> tuple[Outcome, p
     return outcome, ds, view
 
 
-def preprocess_view(ds: pydicom.Dataset, timings: dict[str, float], decode_min_side: int | None) -> PreprocessedView:
-    """Preprocess ``ds``, decoding a large image at reduced resolution unless ``decode_min_side`` is None.
+def preprocess_view(
+    ds: pydicom.Dataset, timings: dict[str, float], decode_min_side: int | None, size: int = OUTPUT_SIZE
+) -> PreprocessedView:
+    """Preprocess ``ds`` to ``size`` pixels, decoding a large image at reduced resolution unless ``decode_min_side`` is None.
 
     The crop box and source shape of the result are in stored pixels either way. The
     decode path of a reduced decode, or the reason a large image was decoded in full,
     is added to the view's warnings so that the result row records it.
     """
     if decode_min_side is None:
-        return preprocess_dataset(ds, timings=timings)
+        return preprocess_dataset(ds, size=size, timings=timings)
     with reduced_decoding(decode_min_side) as decoding:
-        view = preprocess_dataset(ds, timings=timings)
+        view = preprocess_dataset(ds, size=size, timings=timings)
     note = decoding.note()
     if note is None:
         return view
@@ -216,6 +235,7 @@ def export_view(
             model_name=context.model_name,
             preprocessing_version=scorer.preprocessing_version,
             uid_root=context.uid_root,
+            pairwise_score=scorer.definition.name if scorer.pairwise else None,
         )
         if instance.conflicts_with_id is not None:
             # The UIDs derive from the source SOP Instance UID, which this instance shares
@@ -264,7 +284,9 @@ def write_result(session: Session, instance: Instance, outcome: Outcome, context
     result.status = outcome.status
     result.reason = outcome.reason
     result.warnings = "\n".join(outcome.warnings) or None
+    result.score_name = context.scorer.definition.name
     result.reconstruction_error = score.reconstruction_error if score else None
+    result.global_error = float(np.mean(score.error_map)) if score else None
     result.z_score = score.z_score if score else None
     result.threshold = score.threshold if score else None
     result.anomalous = score.anomalous if score else None
@@ -279,6 +301,9 @@ def write_result(session: Session, instance: Instance, outcome: Outcome, context
     result.sc_path = outcome.sc_path
     instance.state = "done"
     session.flush()
+    if score is not None and context.scorer.pairwise:
+        pairs.judge_with_partner(session, result, context.scorer)
+        session.flush()
 
     if outcome.sc_path and context.destination:
         forward.enqueue_export(session, result.id, outcome.sc_sop_instance_uid, outcome.sc_path, context.destination)
@@ -343,7 +368,7 @@ def process_instance(instance_id: int, session_factory: sessionmaker, context: P
         instance.sop_instance_uid,
         outcome.status,
         f" ({outcome.reason})" if outcome.reason else "",
-        studies.format_z(outcome.score.z_score if outcome.score else None),
+        studies.format_z(result.z_score),
         total_ms,
     )
     return result

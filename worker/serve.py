@@ -75,7 +75,7 @@ def warm_up(scorer: Scorer) -> None:
     DICOM standard (about a second) when the first Secondary Capture is built.
     """
     started = time.perf_counter()
-    size = scorer.checkpoint.model_config.input_size
+    size = scorer.view_size
     scorer.score(np.zeros((size, size), dtype=np.float32), "L", "CC")
     source = pydicom.Dataset()
     source.SOPClassUID = scp.STORAGE_SOP_CLASSES[0]
