@@ -79,8 +79,9 @@ class ProcessingSettings:
     # Poll interval of the processing threads when no new instance wakes them.
     poll_interval_s: float = 5.0
     # Large views are decoded at a reduced resolution whose longest side stays at least this
-    # many pixels (JPEG 2000 resolution levels, area averaging otherwise). 0 decodes every
-    # view in full, as training does, at the cost of decode time.
+    # many pixels for a 128-pixel model input, scaled with the checkpoint's view size (2048
+    # for a 512-pixel patch checkpoint). JPEG 2000 uses resolution levels, other syntaxes
+    # area averaging. 0 decodes every view in full, as training does, at the cost of decode time.
     reduced_decode_min_side: int = 512
 
 
