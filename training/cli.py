@@ -8,6 +8,7 @@ from pathlib import Path
 
 from training.cache import default_threads
 from training.data import DATA_FORMATS, ImageRecord, load_records
+from training.patches import DEFAULT_PATCHES_PER_VIEW
 
 
 def configure_logging(verbose: bool = False, rank: int = 0) -> None:
@@ -66,3 +67,23 @@ def check_threads(value: int) -> int:
     if value < 1:
         raise ValueError(f"--threads must be at least 1, got {value}")
     return value
+
+
+def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options that cut views into patches, shared by fit and crossval."""
+    parser.add_argument(
+        "--patch-resolution", type=int, default=512, help="view size in pixels for patches (default 512)"
+    )
+    parser.add_argument(
+        "--patch-size", type=int, default=128, help="patch size in pixels, which sets the VAE's input size (default 128)"
+    )
+    parser.add_argument(
+        "--patch-stride", type=int, default=None, help="grid stride in pixels of scored patches (default: half the patch size)"
+    )
+    parser.add_argument(
+        "--min-coverage", type=float, default=0.5, help="minimum share of breast pixels in a patch (default 0.5)"
+    )
+    parser.add_argument(
+        "--patches-per-view", type=int, default=DEFAULT_PATCHES_PER_VIEW,
+        help=f"random training patches per view and epoch (default {DEFAULT_PATCHES_PER_VIEW})",
+    )

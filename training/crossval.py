@@ -38,10 +38,10 @@ from model.scoring import RESOLUTION_POLICIES, ScoreSettings, breast_mask, extra
 from model.vae import PRESETS, VAE, VAEConfig, preset
 from training import crossval_metrics as metrics
 from training.cache import CachedImages, load_or_build_cache
-from training.cli import add_data_arguments, check_threads, configure_logging, records_from_arguments
+from training.cli import add_data_arguments, add_patch_arguments, check_threads, configure_logging, records_from_arguments
 from training.data import ImageRecord, make_split
 from training.loop import epoch_seed, train_epoch
-from training.patches import candidate_positions, sample_positions
+from training.patches import DEFAULT_PATCHES_PER_VIEW, candidate_positions, sample_positions
 from training.scores import (
     ScoreReference,
     ViewFeatures,
@@ -60,7 +60,6 @@ DEFAULT_LATENT_SIZE = 128
 DEFAULT_EPOCHS = 6
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_POLICY = "patches"
-DEFAULT_PATCHES_PER_VIEW = 8
 # Share of the training folds' patients held out of training as the healthy
 # reference and the inner validation.
 DEFAULT_REFERENCE_FRACTION = 0.25
@@ -476,22 +475,7 @@ def add_resolution_arguments(parser: argparse.ArgumentParser) -> None:
         help="'whole': the breast at the VAE's input size; 'patches': VAE patches of the breast at "
         f"--patch-resolution (default {DEFAULT_POLICY})",
     )
-    parser.add_argument(
-        "--patch-resolution", type=int, default=512, help="view size in pixels for patches (default 512)"
-    )
-    parser.add_argument(
-        "--patch-size", type=int, default=128, help="patch size in pixels, the VAE's input size (default 128)"
-    )
-    parser.add_argument(
-        "--patch-stride", type=int, default=None, help="grid stride of scored patches (default: half the patch size)"
-    )
-    parser.add_argument(
-        "--min-coverage", type=float, default=0.5, help="minimum share of breast pixels in a patch (default 0.5)"
-    )
-    parser.add_argument(
-        "--patches-per-view", type=int, default=DEFAULT_PATCHES_PER_VIEW,
-        help=f"random training patches per view and epoch (default {DEFAULT_PATCHES_PER_VIEW})",
-    )
+    add_patch_arguments(parser)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -49,8 +49,15 @@ from model.scoring import RESOLUTION_POLICIES, SCORES, SCORING_KEY, THRESHOLD_RU
 from model.vae import PRESETS, VAE, VAEConfig, count_parameters, preset
 from training.cache import CachedImages, cache_key, load_or_build_cache
 from training.calibrate import calibrate, calibration_record_indices
-from training.cli import add_data_arguments, check_threads, configure_logging, parse_views, records_from_arguments
-from training.crossval import DEFAULT_PATCHES_PER_VIEW, PatchSampler
+from training.cli import (
+    add_data_arguments,
+    add_patch_arguments,
+    check_threads,
+    configure_logging,
+    parse_views,
+    records_from_arguments,
+)
+from training.crossval import PatchSampler
 from training.data import DEFAULT_FRACTIONS, ImageRecord, PatientSplit, make_split, split_counts
 from training.loop import (
     LossTotals,
@@ -187,22 +194,7 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         help="'whole' (default): train and score views at the preset's input size; 'patches': train on "
         "random breast patches of views preprocessed at --patch-resolution, score them patch by patch",
     )
-    parser.add_argument(
-        "--patch-resolution", type=int, default=512, help="view size in pixels for patches (default 512)"
-    )
-    parser.add_argument(
-        "--patch-size", type=int, default=128, help="patch size in pixels, which sets the VAE's input size (default 128)"
-    )
-    parser.add_argument(
-        "--patch-stride", type=int, default=None, help="grid stride in pixels of scored patches (default: half the patch size)"
-    )
-    parser.add_argument(
-        "--min-coverage", type=float, default=0.5, help="minimum share of breast pixels in a patch (default 0.5)"
-    )
-    parser.add_argument(
-        "--patches-per-view", type=int, default=DEFAULT_PATCHES_PER_VIEW,
-        help=f"random training patches per view and epoch (default {DEFAULT_PATCHES_PER_VIEW})",
-    )
+    add_patch_arguments(parser)
 
 
 def score_settings_from_arguments(args: argparse.Namespace) -> ScoreSettings:

@@ -13,6 +13,9 @@ import numpy as np
 
 from model.scoring import assemble_map, coverage_map
 
+# Random training patches drawn per view and epoch.
+DEFAULT_PATCHES_PER_VIEW = 8
+
 # A patch is trained on when at least this share of its pixels is breast.
 DEFAULT_MIN_COVERAGE = 0.5
 # Random training patches start on this grid (pixels); finer steps add nothing but time.
