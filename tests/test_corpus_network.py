@@ -396,9 +396,10 @@ def process_memory(pid: int) -> dict[str, int]:
 # Bounds on the worker's peak resident memory while it receives four 44 MiB full-field views
 # over four associations at once and scores them with two processing threads (the shipped
 # processing.workers). The growth over the idle worker is bounded by the sum of the buffers
-# that can exist at once, each 44 MiB (23 million pixels of 2 bytes). Each association holds
-# about 2.5 such copies while a dataset is received and spooled (measured with processing
-# off). A processing thread that decodes in full holds the read file, the decoded stored
+# that can exist at once, each 44 MiB (23 million pixels of 2 bytes). Each association is
+# counted at 2.5 such copies while a dataset is received and spooled, as measured before the
+# handler stopped copying the dataset; since then the receive costs about 1.3 copies
+# (test_tomosynthesis_receive_memory), so the bound has headroom. A processing thread that decodes in full holds the read file, the decoded stored
 # values and the float32 display image with its padding mask (5 bytes a pixel), about 4.5
 # copies; the pool's reduced-resolution decoding needs less. That is at most 4 x 2.5 +
 # 2 x 4.5 = 19 copies, 0.82 GiB, so 1 GiB is allowed. On a loaded 2-core machine the idle
