@@ -124,7 +124,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     except Exception as err:
         raise ValueError(f"checkpoint {str(path)!r} could not be read as a torch checkpoint: {err}") from err
     if not isinstance(raw, dict):
-        raise ValueError(f"checkpoint {str(path)!r} holds a {type(raw).__name__}, expected a dict")
+        raise ValueError(f"checkpoint {str(path)!r} contains a {type(raw).__name__}, expected a dict")
     missing = [key for key in REQUIRED_KEYS if key not in raw]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} lacks the keys {missing}; it was not written by training.fit")

@@ -473,7 +473,7 @@ class ReducedDecoding:
         return self.factor > 1
 
     def note(self) -> str | None:
-        """One line for a result's warnings: the reduced decode, or why a full one was made."""
+        """Return one line for a result's warnings: the reduced decode, or why a full one was made."""
         if self.reduced and self.source_shape and self.decoded_shape:
             return (
                 f"decoded at 1/{self.factor} resolution by {self.method}: "

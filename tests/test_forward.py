@@ -338,7 +338,7 @@ def test_rejected_association_is_recorded(worker_dir, secondary_capture, storesc
     job = load_job(session_factory, job_id)
     assert job.state == "dead"
     # DCMTK storescp sends A-ASSOCIATE-RJ and closes the connection at once; on a loaded
-    # machine pynetdicom sometimes sees the closed socket before it has read the RJ.
+    # machine pynetdicom sometimes detects the closed socket before it has read the RJ.
     assert "association rejected" in job.last_error or "association aborted by the peer" in job.last_error
     assert str(destination) in job.last_error
 

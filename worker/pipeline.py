@@ -140,7 +140,7 @@ def evaluate(instance: Instance, context: ProcessingContext) -> tuple[Outcome, p
     outcome = Outcome(status="failed")
     path = context.data_dir / instance.path
     try:
-        # Pixel Data stays on disk until preprocessing asks for it, so an object rejected by
+        # Pixel Data stays on disk until preprocessing reads it, so an object rejected by
         # its header (a tomosynthesis volume, say) is never read whole.
         ds = pydicom.dcmread(path, defer_size="256 KB")
     except Exception as err:  # noqa: BLE001 - any read failure makes this one instance fail
